@@ -1,0 +1,460 @@
+"""
+Train the VAE of vae_model.py on Pokémon images.
+
+    python train_vae.py                              # the Hugging Face Hub data set
+    python train_vae.py --data path/to/folder        # any folder of images, offline
+
+The chapter, top to bottom: settings, loading the images (once, into memory), augmenting
+batches, the training loop, and saving (reconstruction grids, prior samples, metrics, the
+loss curve, a resumable checkpoint and the final model).
+"""
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+import time
+import urllib.parse
+
+import torch
+from PIL import Image, ImageOps
+
+from vae_model import VAE, CheckpointError, load_checkpoint, psnr, save_atomic, vae_checkpoint, vae_loss
+
+# -----------------------------------------------------------------------------------------------
+DATASET = "svjack/pokemon-blip-captions-en-zh"  # Hub data set name, or a local folder of images
+IMAGE_SIZE = 512          # px, side of the square training image (with a GPU)
+EPOCHS = 200              # passes over the training images (with a GPU)
+CPU_IMAGE_SIZE = 128      # px, used instead of IMAGE_SIZE when there is no GPU
+CPU_EPOCHS = 120          # used instead of EPOCHS when there is no GPU (~40 min on 2 cores)
+BATCH_SIZE = 16           # images per optimizer step
+LEARNING_RATE = 1e-3      # peak learning rate of the one-cycle schedule
+KL_WEIGHT = 0.1           # weight of the KL term against the summed reconstruction error
+LATENT_CHANNELS = 4       # channels of the latent; it is H/8 x W/8 in space
+CHANNELS = "32,64,128"    # widths of the encoder's three stages (the decoder mirrors them)
+VAL_FRACTION = 0.05       # share of images held out, never augmented, for validation
+SAVE_EVERY = 10           # epochs between reconstruction / sample grids
+SEED = 0                  # seeds the split, the shuffling, the augmentation and the weights
+MODEL_PATH = "vae_model.pth"   # where the final model (config + weights) is written
+RESULTS_DIR = "vae_results"    # grids, metrics.jsonl, loss curve, resumable checkpoint
+# -----------------------------------------------------------------------------------------------
+
+GRID_IMAGES = 8           # validation images shown in each reconstruction grid
+WHITE = (255, 255, 255)
+
+
+class UserError(Exception):
+    """A mistake the user can fix; main() prints it as one sentence and exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: decode every image once, make it RGB on white, pad it square, resize
+# ---------------------------------------------------------------------------------------
+
+def open_rgb(file):
+    """Open an image file (path or file object) of any mode as RGB on a white background."""
+    image = Image.open(file)
+    image.load()  # decode now, so that a truncated file fails here and not later
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grey: scale to 8 bits
+        scale = 255 / 65535 if image.mode.startswith("I") else 255
+        image = image.point(lambda v: v * scale).convert("L")
+    if image.mode == "P" or "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        # Composite on white: dropping alpha would turn transparent pixels black.
+        background = Image.new("RGBA", image.size, WHITE + (255,))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def to_square(image, size):
+    """Resize to size x size without distorting the shape: fit, then pad with white."""
+    return ImageOps.pad(image, (size, size), method=Image.Resampling.BICUBIC, color=WHITE)
+
+
+def hub_reachable(timeout=5.0):
+    """One quick TCP connect, so that an offline machine hears so in seconds, not after
+    the minutes of retries that the Hub client would spend."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return True  # the user asked for the local cache; let datasets use it
+    from huggingface_hub import constants
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def open_dataset(source):
+    """A `datasets` table of undecoded images, from a local folder or the Hub."""
+    import datasets
+    datasets.logging.set_verbosity_error()
+    if os.path.isdir(source):
+        try:
+            table = datasets.load_dataset("imagefolder", data_dir=source, split="train")
+        except Exception:  # datasets raises several types for "no image files here"
+            raise UserError(f"the folder {source} holds no image files; "
+                            "put .png or .jpg images in it or pass another --data") from None
+    elif os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise UserError(f"the data folder {source} does not exist; "
+                        "pass --data with an existing folder of images or a Hub data set name")
+    elif not hub_reachable():
+        raise UserError(f"cannot reach the Hugging Face Hub to download {source}; "
+                        "connect to the internet or train offline with --data path/to/images")
+    else:
+        try:
+            table = datasets.load_dataset(source, split="train")
+        except Exception as error:
+            raise UserError(f"could not load the Hub data set {source} ({type(error).__name__}); "
+                            "check the name or train offline with --data path/to/images") from None
+    column = next((name for name, feature in table.features.items()
+                   if isinstance(feature, datasets.Image)), None)
+    if column is None:
+        raise UserError(f"the data set {source} has no image column; pass --data with images")
+    # decode=False hands us the raw bytes, so one corrupt file is skipped, not fatal.
+    return table.cast_column(column, datasets.Image(decode=False))[column]
+
+
+def load_images(source, size):
+    """All images as one uint8 tensor (N, 3, size, size): decoded and resized once per run,
+    so every epoch after the first costs no JPEG decoding at all."""
+    import io
+    from torchvision.transforms.v2.functional import pil_to_tensor
+    from tqdm import tqdm
+    images, skipped = [], 0
+    for item in tqdm(open_dataset(source), desc=f"loading images at {size} px", leave=False):
+        try:
+            file = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+            images.append(pil_to_tensor(to_square(open_rgb(file), size)))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            skipped += 1
+    if skipped:
+        print(f"skipped {skipped} file(s) that are not readable images")
+    if len(images) < 2:
+        raise UserError(f"{source} holds {len(images)} readable image(s) and training needs "
+                        "at least 2; add images or pass another --data")
+    return torch.stack(images)
+
+
+def split(images, fraction, seed):
+    """A fixed, seeded train/validation split."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    n_val = min(len(images) - 1, max(1, round(len(images) * fraction)))
+    return images[order[n_val:]], images[order[:n_val]]
+
+
+# ---------------------------------------------------------------------------------------
+# Augmentation: on whole batches of uint8 tensors, on the training device
+# ---------------------------------------------------------------------------------------
+
+def make_augment():
+    from torchvision.transforms import v2
+    one_image = v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomRotation(10, interpolation=v2.InterpolationMode.BILINEAR, fill=255),  # white corners
+        # Light colour jitter; no hue shift: on the CPU it costs 4x the rest together.
+        v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),
+    ])
+    # A v2 transform draws one set of random parameters per call, so calling it per image
+    # gives every image of the batch its own flip, angle and colour shift.
+    return lambda batch: torch.stack([one_image(image) for image in batch])
+
+
+def to_model_range(batch_uint8):
+    return batch_uint8.float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1], as tanh outputs
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation and pictures
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, images, device, kl_weight, batch_size):
+    """Validation loss, KL and PSNR per image, decoding mu (the deterministic reconstruction)."""
+    model.eval()
+    totals = {"val_loss": 0.0, "val_mse": 0.0, "val_kl": 0.0, "val_psnr": 0.0}
+    for start in range(0, len(images), batch_size):
+        x = to_model_range(images[start:start + batch_size].to(device))
+        x = x.contiguous(memory_format=torch.channels_last)
+        mu, log_var = model.encode(x)
+        recon = model.decode(mu)
+        loss, mse, kl = vae_loss(recon, x, mu, log_var, kl_weight)
+        for key, value in zip(totals, (loss.item(), mse.item(), kl.item(), psnr(recon, x))):
+            totals[key] += value * len(x)
+    model.train()
+    return {key: value / len(images) for key, value in totals.items()}
+
+
+def save_png(tensor, path, **grid_options):
+    """save_image to a temporary file, then rename: a crash never leaves a truncated PNG."""
+    from torchvision.utils import save_image
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    save_image(tensor, tmp, **grid_options)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def save_pictures(model, grid_images, noise, epoch, results_dir):
+    model.eval()
+    x = to_model_range(grid_images).contiguous(memory_format=torch.channels_last)
+    recon = model.decode(model.encode(x)[0])
+    # Originals on the top row, their reconstructions underneath.
+    save_png(torch.cat([x, recon]).float(), os.path.join(results_dir, f"recon_epoch_{epoch:03d}.png"),
+             nrow=len(x), normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
+    # The same fixed noise every time, so successive grids show how the decoder develops.
+    samples = model.decode(noise)
+    save_png(samples.float(), os.path.join(results_dir, f"samples_epoch_{epoch:03d}.png"),
+             nrow=8, normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
+    model.train()
+
+
+def write_metrics(metrics, results_dir):
+    """Rewrite metrics.jsonl whole and atomically: never a half-written line."""
+    path = os.path.join(results_dir, "metrics.jsonl")
+    with open(path + ".tmp", "w") as file:
+        file.writelines(json.dumps(row) + "\n" for row in metrics)
+    os.replace(path + ".tmp", path)
+
+
+def plot_loss_curve(metrics, results_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [row["epoch"] for row in metrics]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [row["train_mse"] for row in metrics], label="train reconstruction (summed MSE)")
+    left.plot(epochs, [row["val_loss"] for row in metrics], label="val loss (MSE + weight x KL)")
+    left.plot(epochs, [row["train_kl"] for row in metrics], label="train KL (nats)")
+    left.set(xlabel="epoch", ylabel="per image", yscale="log", title="Loss")
+    left.legend()
+    right.plot(epochs, [row["val_psnr"] for row in metrics])
+    right.set(xlabel="epoch", ylabel="dB", title="Validation PSNR (decoding mu)")
+    fig.tight_layout()
+    path = os.path.join(results_dir, "loss_curve.png")
+    fig.savefig(path + ".tmp", format="png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+
+def pick_device(name):
+    if name != "auto":
+        available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                     "mps": torch.backends.mps.is_available()}
+        if not available.get(name.split(":")[0], False):
+            raise UserError(f"the device {name!r} is not available here; "
+                            "use --device auto to pick the best one")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def train(args):
+    device = pick_device(args.device)
+    checkpoint_path = os.path.join(args.results_dir, "checkpoint.pth")
+    resumed = None
+    if args.resume:
+        try:
+            resumed = load_checkpoint(checkpoint_path)
+        except (FileNotFoundError, CheckpointError):
+            raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
+                            "start a new run without --resume") from None
+        # The run continues with the settings it started with.
+        args = argparse.Namespace(**{**resumed["args"], "device": args.device, "resume": True})
+    if device.type != "cuda":  # the seed's 512 px x 200 epochs would take a day on a CPU
+        args.image_size = args.image_size or CPU_IMAGE_SIZE
+        args.epochs = args.epochs or CPU_EPOCHS
+    args.image_size, args.epochs = args.image_size or IMAGE_SIZE, args.epochs or EPOCHS
+    print(f"device {device}: {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}"
+          + ("" if device.type == "cuda" else
+             f" (CPU defaults: {CPU_IMAGE_SIZE} px and {CPU_EPOCHS} epochs instead of the GPU's"
+             f" {IMAGE_SIZE} px and {EPOCHS}; change them with --image-size and --epochs)"))
+    os.makedirs(args.results_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    images = load_images(args.data, args.image_size)
+    train_images, val_images = split(images, args.val_fraction, args.seed)
+    print(f"{len(train_images)} training and {len(val_images)} validation images from {args.data}")
+    augment = make_augment()
+    grid_images = val_images[:GRID_IMAGES].to(device)
+    val_images = val_images.to(device)
+    if device.type == "cuda":  # pinned memory lets the host-to-GPU copy overlap compute
+        train_images = train_images.pin_memory()
+
+    channels = [int(width) for width in args.channels.split(",")]
+    model = VAE(args.image_size, args.latent_channels, channels).to(device)
+    # channels_last (NHWC) is the layout the oneDNN / cuDNN convolution kernels prefer.
+    model = model.to(memory_format=torch.channels_last)
+    noise = torch.randn(16, args.latent_channels, args.image_size // 8, args.image_size // 8,
+                        generator=torch.Generator().manual_seed(args.seed)).to(device)
+    steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.1)
+    shuffle = torch.Generator().manual_seed(args.seed)
+    start_epoch, metrics, elapsed_before = 0, [], 0.0
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        shuffle.set_state(resumed["shuffle_state"])
+        torch.set_rng_state(resumed["rng_state"])
+        start_epoch, metrics = resumed["epoch"], resumed["metrics"]
+        elapsed_before = metrics[-1]["elapsed_s"] if metrics else 0.0
+        print(f"resuming after epoch {start_epoch} of {args.epochs} from {checkpoint_path}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f} M parameters, latent {args.latent_channels} x "
+          f"{args.image_size // 8} x {args.image_size // 8}")
+
+    from tqdm import tqdm
+    started = time.perf_counter()
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch + 1, args.epochs + 1):
+            epoch_start, data_time, sums = time.perf_counter(), 0.0, [0.0, 0.0]
+            order = torch.randperm(len(train_images), generator=shuffle)
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", leave=False)
+            for step in bar:
+                tick = time.perf_counter()
+                batch = train_images[order[step * args.batch_size:(step + 1) * args.batch_size]]
+                x = to_model_range(augment(batch.to(device, non_blocking=True)))
+                x = x.contiguous(memory_format=torch.channels_last)
+                data_time += time.perf_counter() - tick
+
+                recon, mu, log_var = model(x)
+                loss, mse, kl = vae_loss(recon, x, mu, log_var, args.kl_weight)
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"the loss became {loss.item()} in epoch {epoch}; training is unstable, "
+                        f"so lower --lr (now {args.lr}) or --kl-weight (now {args.kl_weight}); "
+                        f"the last good checkpoint is kept in {checkpoint_path}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                sums[0] += mse.item()
+                sums[1] += kl.item()
+                bar.set_postfix(loss=f"{loss.item():.1f}")
+
+            seconds = time.perf_counter() - epoch_start
+            row = {"epoch": epoch, "train_mse": sums[0] / steps_per_epoch,
+                   "train_kl": sums[1] / steps_per_epoch,
+                   **evaluate(model, val_images, device, args.kl_weight, args.batch_size),
+                   "images_per_s": len(train_images) / seconds,
+                   "data_wait_fraction": data_time / seconds,
+                   "elapsed_s": elapsed_before + time.perf_counter() - started}
+            metrics.append(row)
+            print(f"epoch {epoch:3d}/{args.epochs}  train mse {row['train_mse']:8.1f}  "
+                  f"kl {row['train_kl']:7.1f}  val loss {row['val_loss']:8.1f}  "
+                  f"val psnr {row['val_psnr']:5.2f} dB  {row['images_per_s']:5.1f} img/s")
+            write_metrics(metrics, args.results_dir)
+            if epoch % args.save_every == 0 or epoch == args.epochs:
+                save_pictures(model, grid_images, noise, epoch, args.results_dir)
+            # Every epoch: everything needed to continue exactly here after a crash or Ctrl-C.
+            save_atomic({**vae_checkpoint(model), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics,
+                         "shuffle_state": shuffle.get_state(), "rng_state": torch.get_rng_state(),
+                         "args": vars(args)}, checkpoint_path)
+    except KeyboardInterrupt:
+        done = epoch - 1
+        print(f"\ninterrupted in epoch {epoch}; " + (
+            f"epochs 1-{done} are saved in {checkpoint_path}: continue with "
+            f"`python train_vae.py --resume" + (f" --results-dir {args.results_dir}`"
+                                                if args.results_dir != RESULTS_DIR else "`")
+            if done > 0 else "no epoch had finished, so nothing was saved"), file=sys.stderr)
+        sys.exit(130)
+
+    plot_loss_curve(metrics, args.results_dir)
+    save_atomic(vae_checkpoint(model), args.out)
+    last = metrics[-1]
+    print(f"done in {last['elapsed_s'] / 60:.1f} min: val PSNR {last['val_psnr']:.2f} dB, "
+          f"val KL {last['val_kl']:.0f} nats per image; model saved to {args.out}, "
+          f"pictures and metrics in {args.results_dir}/")
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: every setting above has a flag; the constant is its default
+# ---------------------------------------------------------------------------------------
+
+def positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def image_size(text):
+    value = positive(int)(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (the encoder halves it "
+                                         f"three times), got {value}")
+    return value
+
+
+def channel_list(text):
+    try:
+        widths = [int(width) for width in text.split(",")]
+    except ValueError:
+        widths = []
+    if len(widths) != 3 or any(width < 4 or width % 4 for width in widths):
+        raise argparse.ArgumentTypeError(f"must be three comma-separated multiples of 4, got {text!r}")
+    return text
+
+
+def fraction(text):
+    value = positive(float)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a convolutional VAE on Pokémon images.")
+    p.add_argument("--data", default=DATASET, help="Hub data set name or local image folder")
+    p.add_argument("--epochs", type=positive(int), default=None,
+                   help=f"default {EPOCHS} with a GPU, {CPU_EPOCHS} without")
+    p.add_argument("--image-size", type=image_size, default=None,
+                   help=f"px, multiple of 8; default {IMAGE_SIZE} with a GPU, {CPU_IMAGE_SIZE} without")
+    p.add_argument("--batch-size", type=positive(int), default=BATCH_SIZE)
+    p.add_argument("--lr", type=positive(float), default=LEARNING_RATE)
+    p.add_argument("--kl-weight", type=float, default=KL_WEIGHT)
+    p.add_argument("--latent-channels", type=positive(int), default=LATENT_CHANNELS)
+    p.add_argument("--channels", type=channel_list, default=CHANNELS)
+    p.add_argument("--val-fraction", type=fraction, default=VAL_FRACTION)
+    p.add_argument("--save-every", type=positive(int), default=SAVE_EVERY,
+                   help="epochs between reconstruction and sample grids")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--out", default=MODEL_PATH, help="where to save the final model")
+    p.add_argument("--results-dir", default=RESULTS_DIR)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint is in --results-dir")
+    args = p.parse_args(argv)
+    if args.kl_weight < 0:
+        p.error(f"argument --kl-weight: must be zero or positive, got {args.kl_weight}")
+    return args
+
+
+def main():
+    try:
+        train(parse_args())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""
+A convolutional Variational Autoencoder, written out in plain PyTorch.
+
+Read this file top to bottom: the building block, the Encoder (image -> mu, log_var),
+the reparameterization trick, the Decoder (z -> image), the VAE that joins them, the
+loss, and the checkpoint helpers that let sample_vae.py rebuild exactly the model that
+train_vae.py trained. Torch only: data loading, the training loop and plotting live in
+the two scripts.
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------
+# Building block
+# ---------------------------------------------------------------------------------------
+
+def norm(channels):
+    # GroupNorm instead of BatchNorm: it does not depend on the batch, so a batch of 8 on a
+    # laptop, a batch of 1 in sample_vae.py and train/eval mode all behave the same.
+    return nn.GroupNorm(min(32, channels // 4), channels)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convolutions with a skip connection: the skip lets gradients reach the
+    early layers directly, so the network trains fast even when it is deep."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.block = nn.Sequential(
+            norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+# ---------------------------------------------------------------------------------------
+# Encoder: image (B, 3, H, W) in [-1, 1]  ->  mu, log_var, each (B, latent, H/8, W/8)
+# ---------------------------------------------------------------------------------------
+
+class Encoder(nn.Module):
+    def __init__(self, latent_channels=4, channels=(32, 64, 128)):
+        super().__init__()
+        layers = [nn.Conv2d(3, channels[0], 3, padding=1)]
+        previous = channels[0]
+        for width in channels:  # each stage halves the resolution: three stages -> H/8
+            layers += [nn.Conv2d(previous, width, 3, stride=2, padding=1), ResBlock(width)]
+            previous = width
+        layers += [norm(previous), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        # One head predicts both parameters of q(z|x) at every latent position.
+        self.head = nn.Conv2d(previous, 2 * latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        mu, log_var = self.head(self.body(x)).chunk(2, dim=1)
+        # A clamp keeps exp(log_var) finite in the first, wild steps of training.
+        return mu, log_var.clamp(-30.0, 20.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Decoder: latent z (B, latent, H/8, W/8)  ->  image (B, 3, H, W) in [-1, 1]
+# ---------------------------------------------------------------------------------------
+
+class Decoder(nn.Module):
+    def __init__(self, latent_channels=4, channels=(32, 64, 128)):
+        super().__init__()
+        widths = list(reversed(channels))
+        layers = [nn.Conv2d(latent_channels, widths[0], 3, padding=1), ResBlock(widths[0])]
+        previous = widths[0]
+        for width in widths[1:]:
+            # Nearest upsampling + conv rather than ConvTranspose2d: a stride-2 transposed
+            # conv overlaps its kernels unevenly and paints a checkerboard on the image.
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+                       nn.Conv2d(previous, width, 3, padding=1), ResBlock(width)]
+            previous = width
+        # The last doubling mirrors the encoder's first conv: at full resolution one conv
+        # is enough, and a ResBlock there would cost more than all the others together.
+        layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+                   nn.Conv2d(previous, previous, 3, padding=1)]
+        # No normalization on the RGB output: the image's colours are not zero-mean.
+        layers += [norm(previous), nn.SiLU(), nn.Conv2d(previous, 3, 3, padding=1), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.body(z)
+
+
+# ---------------------------------------------------------------------------------------
+# The VAE: encoder, reparameterization trick, decoder
+# ---------------------------------------------------------------------------------------
+
+class VAE(nn.Module):
+    def __init__(self, image_size=128, latent_channels=4, channels=(32, 64, 128)):
+        super().__init__()
+        if image_size % 8 != 0:
+            raise ValueError(f"image_size must be a multiple of 8, got {image_size}")
+        # Kept so that a checkpoint can rebuild this exact model (see vae_checkpoint).
+        self.config = dict(image_size=image_size, latent_channels=latent_channels,
+                           channels=list(channels))
+        self.image_size = image_size
+        self.encoder = Encoder(latent_channels, channels)
+        self.decoder = Decoder(latent_channels, channels)
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    @staticmethod
+    def reparameterize(mu, log_var):
+        # Sampling z ~ N(mu, sigma^2) directly has no gradient. Writing it as
+        # z = mu + sigma * eps with eps ~ N(0, I) moves the randomness into eps, so the
+        # gradient flows to mu and log_var like through any other arithmetic.
+        std = torch.exp(0.5 * log_var)
+        eps = torch.randn_like(std)
+        return mu + std * eps
+
+    def decode(self, z):
+        return self.decoder(z)
+
+    def forward(self, x):
+        mu, log_var = self.encode(x)
+        z = self.reparameterize(mu, log_var)
+        return self.decode(z), mu, log_var
+
+
+# ---------------------------------------------------------------------------------------
+# Loss: reconstruction + kl_weight * KL(q(z|x) || N(0, I))
+# ---------------------------------------------------------------------------------------
+
+def vae_loss(recon, x, mu, log_var, kl_weight=0.1):
+    """Returns (total, reconstruction, kl), each a scalar per image (averaged over the batch).
+
+    Reduction: both terms are SUMMED over every pixel and every latent element of an image,
+    then AVERAGED over the batch. Summing keeps the two terms on the scale of the evidence
+    lower bound, where each pixel and each latent element counts once, so their balance does
+    not change with the image size or the number of latent channels; averaging over the
+    batch keeps the learning rate independent of the batch size. (A per-pixel mean for the
+    MSE, as in many tutorials, shrinks the reconstruction term ~50,000-fold at 128 px and
+    lets the KL term wipe out the latent.)
+
+    KL term: for q = N(mu, sigma^2) and p = N(0, I) it has a closed form,
+    Kingma and Welling (2014), "Auto-Encoding Variational Bayes", Appendix B:
+        -KL = 1/2 * sum(1 + log(sigma^2) - mu^2 - sigma^2)
+    """
+    batch = x.shape[0]
+    reconstruction = F.mse_loss(recon, x, reduction="sum") / batch
+    kl = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp()) / batch
+    return reconstruction + kl_weight * kl, reconstruction, kl
+
+
+@torch.no_grad()
+def psnr(recon, x):
+    """Mean peak signal-to-noise ratio in dB over a batch, on [0, 1] pixels (inputs in [-1, 1])."""
+    mse = ((recon.float() - x.float()) / 2).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: the config travels with the weights
+# ---------------------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, foreign or does not fit its own config."""
+
+
+def vae_checkpoint(model):
+    """The part of a checkpoint that rebuilds the model: its constructor config + weights."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the real one
+    return {"config": dict(model.config), "model": model.state_dict()}
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename it over `path`.
+    A rename within one folder is atomic, so a crash or Ctrl-C mid-save leaves the previous
+    file whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True: tensors and plain containers only, so a file that
+    carries pickled code is refused instead of executed."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # random bytes, empty or text file, pickled code, truncation
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
+                              f"({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
+        raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this VAE "
+                              "(it has no 'config' and 'model' entries)")
+    return checkpoint
+
+
+def load_vae(path, map_location="cpu"):
+    """Rebuild the trained VAE from `path` and return it in eval mode."""
+    checkpoint = load_checkpoint(path, map_location)
+    try:
+        model = VAE(**checkpoint["config"])
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{path} holds weights that do not fit its own config "
+                              f"({first_line})") from None
+    return model.to(map_location).eval()
