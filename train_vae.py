@@ -36,6 +36,8 @@ CHANNELS = "32,64,128"    # widths of the encoder's three stages (the decoder mi
 VAL_FRACTION = 0.05       # share of images held out, never augmented, for validation
 SAVE_EVERY = 10           # epochs between reconstruction / sample grids
 SEED = 0                  # seeds the split, the shuffling, the augmentation and the weights
+AMP = "auto"              # bfloat16 autocast: "auto" (on with CUDA), "on" or "off"
+COMPILE = False           # torch.compile the model (faster steps after a minute of compiling)
 MODEL_PATH = "vae_model.pth"   # where the final model (config + weights) is written
 RESULTS_DIR = "vae_results"    # grids, metrics.jsonl, loss curve, resumable checkpoint
 # -----------------------------------------------------------------------------------------------
@@ -78,10 +80,13 @@ def hub_reachable(timeout=5.0):
     the minutes of retries that the Hub client would spend."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return True  # the user asked for the local cache; let datasets use it
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy a direct connect proves nothing; let datasets try
     from huggingface_hub import constants
     url = urllib.parse.urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -257,9 +262,10 @@ def pick_device(name):
     return torch.device("cpu")
 
 
-def train(args):
-    device = pick_device(args.device)
-    checkpoint_path = os.path.join(args.results_dir, "checkpoint.pth")
+def settings(args, device, checkpoint_path):
+    """The run's settings: those a resumed run started with, else the flags, with the CPU
+    defaults filled in when there is no GPU (the seed's 512 px x 200 epochs would take a
+    day on a CPU)."""
     resumed = None
     if args.resume:
         try:
@@ -267,16 +273,54 @@ def train(args):
         except (FileNotFoundError, CheckpointError):
             raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
                             "start a new run without --resume") from None
-        # The run continues with the settings it started with.
-        args = argparse.Namespace(**{**resumed["args"], "device": args.device, "resume": True})
-    if device.type != "cuda":  # the seed's 512 px x 200 epochs would take a day on a CPU
-        args.image_size = args.image_size or CPU_IMAGE_SIZE
-        args.epochs = args.epochs or CPU_EPOCHS
-    args.image_size, args.epochs = args.image_size or IMAGE_SIZE, args.epochs or EPOCHS
+        args = argparse.Namespace(**{**vars(args), **resumed["args"], "device": args.device,
+                                     "resume": True})
+    cpu = device.type != "cuda"
+    args.image_size = args.image_size or (CPU_IMAGE_SIZE if cpu else IMAGE_SIZE)
+    args.epochs = args.epochs or (CPU_EPOCHS if cpu else EPOCHS)
+    args.use_amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
     print(f"device {device}: {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}"
-          + ("" if device.type == "cuda" else
-             f" (CPU defaults: {CPU_IMAGE_SIZE} px and {CPU_EPOCHS} epochs instead of the GPU's"
-             f" {IMAGE_SIZE} px and {EPOCHS}; change them with --image-size and --epochs)"))
+          + (", bfloat16 autocast" if args.use_amp else "") + (", torch.compile" if args.compile else "")
+          + (f" (CPU defaults: {CPU_IMAGE_SIZE} px and {CPU_EPOCHS} epochs instead of the GPU's"
+             f" {IMAGE_SIZE} px and {EPOCHS}; change them with --image-size and --epochs)" if cpu else ""))
+    return args, resumed
+
+
+def train_one_epoch(model, images, augment, optimizer, scheduler, shuffle, args, device, epoch):
+    """One pass over the training images; returns mean MSE, mean KL and seconds spent on data."""
+    from tqdm import tqdm
+    order = torch.randperm(len(images), generator=shuffle)
+    steps = math.ceil(len(images) / args.batch_size)
+    sums, data_time = torch.zeros(2), 0.0
+    bar = tqdm(range(steps), desc=f"epoch {epoch}/{args.epochs}", leave=False)
+    for step in bar:
+        tick = time.perf_counter()
+        batch = images[order[step * args.batch_size:(step + 1) * args.batch_size]]
+        x = to_model_range(augment(batch.to(device, non_blocking=True)))
+        x = x.contiguous(memory_format=torch.channels_last)
+        data_time += time.perf_counter() - tick
+
+        # bfloat16 keeps fp32's range, so unlike float16 it needs no loss scaling.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_amp):
+            recon, mu, log_var = model(x)
+        loss, mse, kl = vae_loss(recon.float(), x, mu.float(), log_var.float(), args.kl_weight)
+        if not torch.isfinite(loss):
+            raise UserError(f"the loss became {loss.item()} in epoch {epoch}; training is unstable, "
+                            f"so lower --lr (now {args.lr}) or --kl-weight (now {args.kl_weight}); "
+                            f"the last good checkpoint is kept in {args.results_dir}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        sums += torch.stack([mse.detach(), kl.detach()]).cpu()
+        bar.set_postfix(loss=f"{loss.item():.1f}")
+    return (sums / steps).tolist() + [data_time]
+
+
+def train(args):
+    device = pick_device(args.device)
+    checkpoint_path = os.path.join(args.results_dir, "checkpoint.pth")
+    args, resumed = settings(args, device, checkpoint_path)
     os.makedirs(args.results_dir, exist_ok=True)
     torch.manual_seed(args.seed)
 
@@ -284,10 +328,10 @@ def train(args):
     train_images, val_images = split(images, args.val_fraction, args.seed)
     print(f"{len(train_images)} training and {len(val_images)} validation images from {args.data}")
     augment = make_augment()
-    grid_images = val_images[:GRID_IMAGES].to(device)
-    val_images = val_images.to(device)
+    grid_images, val_images = val_images[:GRID_IMAGES].to(device), val_images.to(device)
     if device.type == "cuda":  # pinned memory lets the host-to-GPU copy overlap compute
         train_images = train_images.pin_memory()
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls autocast leaves
 
     channels = [int(width) for width in args.channels.split(",")]
     model = VAE(args.image_size, args.latent_channels, channels).to(device)
@@ -295,66 +339,40 @@ def train(args):
     model = model.to(memory_format=torch.channels_last)
     noise = torch.randn(16, args.latent_channels, args.image_size // 8, args.image_size // 8,
                         generator=torch.Generator().manual_seed(args.seed)).to(device)
-    steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.1)
+        optimizer, max_lr=args.lr, pct_start=0.1,
+        total_steps=args.epochs * math.ceil(len(train_images) / args.batch_size))
     shuffle = torch.Generator().manual_seed(args.seed)
-    start_epoch, metrics, elapsed_before = 0, [], 0.0
+    saved_epoch, metrics = 0, []
     if resumed:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         shuffle.set_state(resumed["shuffle_state"])
         torch.set_rng_state(resumed["rng_state"])
-        start_epoch, metrics = resumed["epoch"], resumed["metrics"]
-        elapsed_before = metrics[-1]["elapsed_s"] if metrics else 0.0
-        print(f"resuming after epoch {start_epoch} of {args.epochs} from {checkpoint_path}")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f} M parameters, latent {args.latent_channels} x "
-          f"{args.image_size // 8} x {args.image_size // 8}")
+        saved_epoch, metrics = resumed["epoch"], resumed["metrics"]
+        print(f"resuming after epoch {saved_epoch} of {args.epochs} from {checkpoint_path}")
+    # Compiled or not, the weights are the same tensors: vae_checkpoint saves the plain model.
+    step_model = torch.compile(model) if args.compile else model
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+          f"latent {args.latent_channels} x {args.image_size // 8} x {args.image_size // 8}")
 
-    from tqdm import tqdm
-    started = time.perf_counter()
-    epoch = start_epoch
+    started = time.perf_counter() - (metrics[-1]["elapsed_s"] if metrics else 0.0)
     try:
-        for epoch in range(start_epoch + 1, args.epochs + 1):
-            epoch_start, data_time, sums = time.perf_counter(), 0.0, [0.0, 0.0]
-            order = torch.randperm(len(train_images), generator=shuffle)
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", leave=False)
-            for step in bar:
-                tick = time.perf_counter()
-                batch = train_images[order[step * args.batch_size:(step + 1) * args.batch_size]]
-                x = to_model_range(augment(batch.to(device, non_blocking=True)))
-                x = x.contiguous(memory_format=torch.channels_last)
-                data_time += time.perf_counter() - tick
-
-                recon, mu, log_var = model(x)
-                loss, mse, kl = vae_loss(recon, x, mu, log_var, args.kl_weight)
-                if not torch.isfinite(loss):
-                    raise UserError(
-                        f"the loss became {loss.item()} in epoch {epoch}; training is unstable, "
-                        f"so lower --lr (now {args.lr}) or --kl-weight (now {args.kl_weight}); "
-                        f"the last good checkpoint is kept in {checkpoint_path}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                sums[0] += mse.item()
-                sums[1] += kl.item()
-                bar.set_postfix(loss=f"{loss.item():.1f}")
-
-            seconds = time.perf_counter() - epoch_start
-            row = {"epoch": epoch, "train_mse": sums[0] / steps_per_epoch,
-                   "train_kl": sums[1] / steps_per_epoch,
+        for epoch in range(saved_epoch + 1, args.epochs + 1):
+            tick = time.perf_counter()
+            mse, kl, data_time = train_one_epoch(step_model, train_images, augment, optimizer,
+                                                 scheduler, shuffle, args, device, epoch)
+            seconds = time.perf_counter() - tick
+            row = {"epoch": epoch, "train_mse": mse, "train_kl": kl,
                    **evaluate(model, val_images, device, args.kl_weight, args.batch_size),
-                   "images_per_s": len(train_images) / seconds,
-                   "data_wait_fraction": data_time / seconds,
-                   "elapsed_s": elapsed_before + time.perf_counter() - started}
+                   "images_per_s": len(train_images) / seconds, "data_wait_fraction": data_time / seconds,
+                   "elapsed_s": time.perf_counter() - started}
             metrics.append(row)
-            print(f"epoch {epoch:3d}/{args.epochs}  train mse {row['train_mse']:8.1f}  "
-                  f"kl {row['train_kl']:7.1f}  val loss {row['val_loss']:8.1f}  "
-                  f"val psnr {row['val_psnr']:5.2f} dB  {row['images_per_s']:5.1f} img/s")
+            print(f"epoch {epoch:3d}/{args.epochs}  train mse {mse:8.1f}  kl {kl:7.1f}  "
+                  f"val loss {row['val_loss']:8.1f}  val psnr {row['val_psnr']:5.2f} dB  "
+                  f"{row['images_per_s']:5.1f} img/s")
             write_metrics(metrics, args.results_dir)
             if epoch % args.save_every == 0 or epoch == args.epochs:
                 save_pictures(model, grid_images, noise, epoch, args.results_dir)
@@ -363,13 +381,13 @@ def train(args):
                          "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics,
                          "shuffle_state": shuffle.get_state(), "rng_state": torch.get_rng_state(),
                          "args": vars(args)}, checkpoint_path)
+            saved_epoch = epoch
     except KeyboardInterrupt:
-        done = epoch - 1
-        print(f"\ninterrupted in epoch {epoch}; " + (
-            f"epochs 1-{done} are saved in {checkpoint_path}: continue with "
-            f"`python train_vae.py --resume" + (f" --results-dir {args.results_dir}`"
-                                                if args.results_dir != RESULTS_DIR else "`")
-            if done > 0 else "no epoch had finished, so nothing was saved"), file=sys.stderr)
+        resume = "python train_vae.py --resume" + (
+            f" --results-dir {args.results_dir}" if args.results_dir != RESULTS_DIR else "")
+        print(f"\ninterrupted after epoch {saved_epoch}; " + (
+            f"epochs 1-{saved_epoch} are saved in {checkpoint_path}: continue with `{resume}`"
+            if saved_epoch else "no epoch had finished, so nothing was saved"), file=sys.stderr)
         sys.exit(130)
 
     plot_loss_curve(metrics, args.results_dir)
@@ -436,6 +454,10 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=fraction, default=VAL_FRACTION)
     p.add_argument("--save-every", type=positive(int), default=SAVE_EVERY,
                    help="epochs between reconstruction and sample grids")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default=AMP,
+                   help="bfloat16 autocast; auto turns it on with CUDA")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
+                   help="torch.compile the model")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", default=MODEL_PATH, help="where to save the final model")

@@ -1,0 +1,237 @@
+"""
+Time-to-quality benchmark: the seed project's recipe against this project's, same budget.
+
+    python benchmarks/bench_train.py --data ../shared/pokemon --image-size 128 --minutes 10
+
+Each recipe trains for the same wall-clock budget in its own process (so peak memory is its
+own), with its one-cycle schedule planned for the steps that fit in that budget, on the same
+train/validation split. Both are evaluated on the same validation tensors, prepared the seed's
+way (a plain, aspect-distorting resize: less white border, the harder test). Prints a
+Markdown table.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train_vae  # noqa: E402
+from vae_model import VAE, psnr, vae_loss  # noqa: E402
+
+KL_WEIGHT = 0.1   # the seed's objective: summed MSE + 0.1 x KL
+
+
+# ---------------------------------------------------------------------------------------
+# The seed's recipe, rebuilt from its description (a baseline, not the project's model)
+# ---------------------------------------------------------------------------------------
+
+class SeedVAE(nn.Module):
+    def __init__(self, latent=4):
+        super().__init__()
+        def down(i, o):
+            return [nn.Conv2d(i, o, 3, stride=2, padding=1), nn.BatchNorm2d(o), nn.LeakyReLU(0.2)]
+        def up(i, o):
+            return [nn.ConvTranspose2d(i, o, 3, stride=2, padding=1, output_padding=1),
+                    nn.BatchNorm2d(o), nn.LeakyReLU(0.2)]
+        self.encoder = nn.Sequential(*down(3, 64), *down(64, 128), *down(128, 256))
+        self.mu, self.log_var = nn.Conv2d(256, latent, 1), nn.Conv2d(256, latent, 1)
+        self.decoder = nn.Sequential(nn.ConvTranspose2d(latent, 256, 1), *up(256, 128), *up(128, 64),
+                                     *up(64, 3), nn.Tanh())
+
+    def encode(self, x):
+        h = self.encoder(x)
+        return self.mu(h), self.log_var(h)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+    def forward(self, x):
+        mu, log_var = self.encode(x)
+        return self.decode(VAE.reparameterize(mu, log_var)), mu, log_var
+
+
+class SeedFiles(torch.utils.data.Dataset):
+    """Decodes every image from its file on every access, as the seed does."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(train_vae.open_rgb(self.paths[i]))
+
+
+def seed_transforms(size, augment):
+    from torchvision import transforms as T
+    steps = [T.Resize((size, size))]
+    if augment:
+        steps += [T.RandomHorizontalFlip(), T.RandomRotation(10), T.ColorJitter(0.2, 0.2, 0.2, 0.1)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+# ---------------------------------------------------------------------------------------
+# One recipe, in its own process
+# ---------------------------------------------------------------------------------------
+
+def file_split(folder, val_fraction=train_vae.VAL_FRACTION, seed=train_vae.SEED):
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg")))
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(len(names) * val_fraction))
+    paths = [os.path.join(folder, names[i]) for i in order]
+    return paths[n_val:], paths[:n_val]
+
+
+def batches_seed(paths, size, batch_size):
+    loader = torch.utils.data.DataLoader(SeedFiles(paths, seed_transforms(size, True)),
+                                         batch_size=batch_size, shuffle=True, num_workers=0)
+    while True:
+        yield from loader
+
+
+def batches_project(paths, size, batch_size):
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+    images = torch.stack([pil_to_tensor(train_vae.to_square(train_vae.open_rgb(p), size)) for p in paths])
+    augment = train_vae.make_augment()
+    while True:
+        order = torch.randperm(len(images))
+        for start in range(0, len(images) - batch_size + 1, batch_size):
+            x = train_vae.to_model_range(augment(images[order[start:start + batch_size]]))
+            yield x.contiguous(memory_format=torch.channels_last)
+
+
+def recipe(name, size):
+    """Model, optimizer factory, batch size, batch source and loss for one recipe."""
+    if name == "seed":
+        model = SeedVAE()
+        def loss_fn(recon, x, mu, log_var):  # summed over the whole batch, as the seed does
+            mse = F.mse_loss(recon, x, reduction="sum")
+            kl = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp())
+            return mse + KL_WEIGHT * kl
+        return model, 8, train_vae.LEARNING_RATE, batches_seed, loss_fn
+    channels = [int(c) for c in train_vae.CHANNELS.split(",")]
+    model = VAE(size, train_vae.LATENT_CHANNELS, channels).to(memory_format=torch.channels_last)
+    def loss_fn(recon, x, mu, log_var):
+        return vae_loss(recon, x, mu, log_var, train_vae.KL_WEIGHT)[0]
+    return model, train_vae.BATCH_SIZE, train_vae.LEARNING_RATE, batches_project, loss_fn
+
+
+@torch.no_grad()
+def evaluate(model, val):
+    model.eval()
+    mu, log_var = model.encode(val)
+    recon = model.decode(mu)
+    n = len(val)
+    mse = F.mse_loss(recon, val, reduction="sum").item() / n
+    kl = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp()).item() / n
+    return {"val_psnr": psnr(recon, val), "val_kl": kl, "val_objective": mse + KL_WEIGHT * kl}
+
+
+def run_recipe(name, data, size, minutes, seed):
+    torch.manual_seed(seed)
+    train_paths, val_paths = file_split(data)
+    val_transform = seed_transforms(size, False)
+    val = torch.stack([val_transform(train_vae.open_rgb(p)) for p in val_paths])
+    model, batch_size, lr, batches, loss_fn = recipe(name, size)
+    source = batches(train_paths, size, batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+
+    def step(x, scheduler=None):
+        recon, mu, log_var = model(x)
+        loss = loss_fn(recon, x, mu, log_var)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler:
+            scheduler.step()
+
+    # Warm up and measure: FLOPs of one step, then the step rate that plans the schedule.
+    x = next(source)
+    with FlopCounterMode(display=False) as counter:
+        step(x)
+    flops_per_step = counter.get_total_flops()
+    tick = time.perf_counter()
+    for _ in range(5):
+        step(next(source))
+    rate = 5 / (time.perf_counter() - tick)
+    planned = max(10, int(rate * minutes * 60))
+    model.load_state_dict(recipe(name, size)[0].state_dict())  # the warm-up steps do not count
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=planned)
+
+    model.train()
+    data_time, steps, started = 0.0, 0, time.perf_counter()
+    deadline = started + minutes * 60
+    while steps < planned and time.perf_counter() < deadline:
+        tick = time.perf_counter()
+        x = next(source)
+        data_time += time.perf_counter() - tick
+        step(x, scheduler)
+        steps += 1
+    seconds = time.perf_counter() - started
+    return {"recipe": name, "images_per_s": steps * batch_size / seconds,
+            "epochs": steps * batch_size / len(train_paths), "steps": steps, "planned_steps": planned,
+            "seconds": seconds, "data_wait_fraction": data_time / seconds,
+            "gflops": flops_per_step * steps / seconds / 1e9,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **evaluate(model, val)}
+
+
+def matmul_gflops(n=2048, repeats=10):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    tick = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - tick) / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--data", required=True, help="folder of images")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget of each recipe")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipes", default="seed,project")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one recipe, print JSON
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(run_recipe(args.one, args.data, args.image_size, args.minutes, args.seed)))
+        return
+    peak = matmul_gflops()
+    rows = []
+    for name in args.recipes.split(","):
+        out = subprocess.run([sys.executable, __file__, "--one", name, "--data", args.data,
+                              "--image-size", str(args.image_size), "--minutes", str(args.minutes),
+                              "--seed", str(args.seed)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"done: {rows[-1]}", file=sys.stderr)
+    print(f"\n{args.image_size} px, {args.minutes:g} min per recipe, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; fp32 matmul 2048^2 in this run: {peak:.0f} GFLOP/s\n")
+    print("| recipe | images/s | epochs | val PSNR (dB) | val KL / image (nats) | val objective / image "
+          "| peak memory (MB) | training GFLOP/s (% of matmul) | data wait |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['images_per_s']:.1f} | {r['epochs']:.1f} | {r['val_psnr']:.2f} | "
+              f"{r['val_kl']:.0f} | {r['val_objective']:.0f} | {r['peak_mb']:.0f} | "
+              f"{r['gflops']:.0f} ({100 * r['gflops'] / peak:.0f}%) | {100 * r['data_wait_fraction']:.1f}% |")
+    if len(rows) == 2:
+        a, b = rows
+        print(f"\nobjective ratio {b['recipe']}/{a['recipe']}: {b['val_objective'] / a['val_objective']:.2f}; "
+              f"PSNR gain: {b['val_psnr'] - a['val_psnr']:+.2f} dB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""
+Use a trained VAE: reconstruct an image, generate new ones, walk and map the latent space.
+
+    python sample_vae.py                                  # reconstruct pokemon_sample_test.png
+    python sample_vae.py --generate 16                    # 16 new images from z ~ N(0, I)
+    python sample_vae.py --generate 16 --prior data --data path/to/images
+    python sample_vae.py --interpolate a.png b.png        # a walk from a to b (PNG strip + GIF)
+    python sample_vae.py --latent-map path/to/images      # every image placed by its latent (PCA)
+
+The model is rebuilt from the checkpoint's own config (image size, latent channels, widths),
+never from constants here. Each mode is one small function; every figure is saved, and shown
+only where a display exists.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from vae_model import CheckpointError, load_vae, psnr
+from train_vae import UserError, load_images, open_rgb, pick_device, positive, save_png, to_square
+
+# -----------------------------------------------------------------------------------------------
+MODEL_PATH = "vae_model.pth"                      # checkpoint written by train_vae.py
+IMAGE_PATH = "pokemon_sample_test.png"            # image to reconstruct
+OUTPUT_PATH = "vae_results/sample_reconstruction.png"  # figure of the default mode
+GENERATED_PATH = "vae_results/generated.png"      # grid of --generate
+INTERPOLATION_PATH = "vae_results/interpolation.png"  # strip of --interpolate (GIF beside it)
+LATENT_MAP_PATH = "vae_results/latent_map.png"    # figure of --latent-map
+STEPS = 10                                        # points on the line of --interpolate
+SEED = 0                                          # seeds the latents drawn by --generate
+# -----------------------------------------------------------------------------------------------
+
+
+def load_model(path, device):
+    try:
+        return load_vae(path, map_location=device)
+    except FileNotFoundError:
+        raise UserError(f"there is no trained model at {path}; run `python train_vae.py` first "
+                        "or pass --model with the path of one") from None
+    except CheckpointError as error:
+        raise UserError(f"{error}; pass --model with a checkpoint written by train_vae.py") from None
+
+
+def load_image(path, size):
+    """One image as a (1, 3, size, size) tensor in [-1, 1], prepared exactly as in training."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+    if not os.path.isfile(path):
+        raise UserError(f"the image {path} does not exist; pass --image with the path of an image")
+    try:
+        image = to_square(open_rgb(path), size)
+    except Exception as error:  # PIL raises several types for broken files
+        raise UserError(f"{path} is not a readable image ({type(error).__name__}); "
+                        "pass a PNG or JPEG file") from None
+    return pil_to_tensor(image).unsqueeze(0).float().div(127.5).sub(1.0)
+
+
+def load_folder(folder, size):
+    if not os.path.isdir(folder):
+        raise UserError(f"the folder {folder} does not exist; pass an existing folder of images")
+    return load_images(folder, size).float().div(127.5).sub(1.0)
+
+
+def show_or_save(fig, path, show):
+    import matplotlib.pyplot as plt
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path + ".tmp", format="png", dpi=100, bbox_inches="tight")
+    os.replace(path + ".tmp", path)  # replaced whole: never a truncated PNG
+    print(f"saved {path}")
+    if show:
+        plt.show()
+    plt.close(fig)
+
+
+def to_picture(tensor):
+    """(3, H, W) in [-1, 1] -> (H, W, 3) in [0, 1] for matplotlib."""
+    return tensor.float().add(1).div(2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------
+# Default mode: reconstruct one image and show its latent
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def reconstruct(model, args, device, show):
+    import matplotlib.pyplot as plt
+    x = load_image(args.image, model.image_size).to(device)
+    mu, log_var = model.encode(x)
+    recon = model.decode(mu)  # decoding the mean, not a sample: the model's best guess
+    print(f"reconstruction PSNR {psnr(recon, x):.2f} dB (KL "
+          f"{-0.5 * (1 + log_var - mu ** 2 - log_var.exp()).sum().item():.0f} nats)")
+    channels = mu.shape[1]
+    fig, axes = plt.subplots(1, 2 + channels, figsize=(3 * (2 + channels), 3.4),
+                             gridspec_kw={"width_ratios": [2, 2] + [1] * channels})
+    axes[0].imshow(to_picture(x[0]))
+    axes[0].set_title("original")
+    axes[1].imshow(to_picture(recon[0]))
+    axes[1].set_title("reconstruction")
+    for c in range(channels):
+        axes[2 + c].imshow(mu[0, c].cpu().numpy(), cmap="viridis")
+        axes[2 + c].set_title(f"latent {c}")
+    for axis in axes:
+        axis.axis("off")
+    show_or_save(fig, args.out or OUTPUT_PATH, show)
+
+
+# ---------------------------------------------------------------------------------------
+# --generate: decode latents drawn from a prior
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def fit_data_prior(model, images, batch_size=32):
+    """A diagonal Gaussian fitted to the latent means of real images: one mean and one std
+    per latent element (ex-post density estimation, Ghosh et al. 2020, "From Variational to
+    Deterministic Autoencoders"). It puts samples where the encoder really puts images,
+    which N(0, I) only approximates when the KL term is weak."""
+    mus = torch.cat([model.encode(images[i:i + batch_size])[0] for i in range(0, len(images), batch_size)])
+    return mus.mean(0), mus.std(0)
+
+
+def draw_latents(n, mean, std, seed):
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.randn((n,) + tuple(mean.shape), generator=generator).to(mean.device)
+    return mean + std * eps
+
+
+@torch.no_grad()
+def generate(model, args, device, show):
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+    side = model.image_size // 8
+    shape = (model.config["latent_channels"], side, side)
+    if args.prior == "data":
+        if not args.data:
+            raise UserError("--prior data needs --data with a folder of images to fit it to")
+        mean, std = fit_data_prior(model, load_folder(args.data, model.image_size).to(device))
+    else:
+        mean, std = torch.zeros(shape, device=device), torch.ones(shape, device=device)
+    images = model.decode(draw_latents(args.generate, mean, std, args.seed))
+    path = args.out or GENERATED_PATH
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    nrow = min(8, args.generate)
+    save_png(images, path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
+    print(f"saved {path} ({args.generate} samples, prior {args.prior})")
+    if show:
+        plt.imshow(to_picture(make_grid(images, nrow=nrow, padding=2, pad_value=1)))
+        plt.axis("off")
+        plt.show()
+
+
+# ---------------------------------------------------------------------------------------
+# --interpolate: walk the straight line between two images' latent means
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def interpolation(model, a, b, steps):
+    mu_a, mu_b = model.encode(a)[0], model.encode(b)[0]
+    t = torch.linspace(0, 1, steps, device=a.device).view(-1, 1, 1, 1)
+    return model.decode((1 - t) * mu_a + t * mu_b)
+
+
+def interpolate(model, args, device, show):
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    from torchvision.utils import make_grid
+    a, b = (load_image(path, model.image_size).to(device) for path in args.interpolate)
+    frames = interpolation(model, a, b, args.steps)
+    path = args.out or INTERPOLATION_PATH
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_png(frames, path, nrow=args.steps, normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
+    # The GIF walks there and back, so it loops without a jump.
+    pictures = [Image.fromarray((to_picture(frame) * 255).round().astype("uint8")) for frame in frames]
+    pictures += pictures[-2:0:-1]
+    gif = os.path.splitext(path)[0] + ".gif"
+    pictures[0].save(gif + ".tmp", format="GIF", save_all=True, append_images=pictures[1:],
+                     duration=120, loop=0)
+    os.replace(gif + ".tmp", gif)
+    print(f"saved {path} and {gif}")
+    if show:
+        plt.imshow(to_picture(make_grid(frames, nrow=args.steps, padding=2, pad_value=1)))
+        plt.axis("off")
+        plt.show()
+
+
+# ---------------------------------------------------------------------------------------
+# --latent-map: every image of a folder at its place in the latent space (PCA to 2-D)
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def latent_map(model, args, device, show):
+    import matplotlib.pyplot as plt
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+    images = load_folder(args.latent_map, model.image_size).to(device)
+    mus = torch.cat([model.encode(images[i:i + 32])[0] for i in range(0, len(images), 32)])
+    flat = mus.flatten(1).cpu()
+    # pca_lowrank centres the data; the first two right-singular vectors span the plane of
+    # largest variance, and projecting onto them gives each image its 2-D position.
+    _, _, v = torch.pca_lowrank(flat, q=2, center=True)
+    xy = ((flat - flat.mean(0)) @ v[:, :2]).numpy()
+    fig, axis = plt.subplots(figsize=(12, 12))
+    axis.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0)  # sets the axis limits
+    zoom = 24 / model.image_size * max(1.0, 20 / len(images) ** 0.5)
+    for (x, y), image in zip(xy, images):
+        thumbnail = OffsetImage(to_picture(image), zoom=zoom)
+        axis.add_artist(AnnotationBbox(thumbnail, (x, y), frameon=False))
+    axis.set(title=f"{len(images)} images placed by the first two principal components of their latent means",
+             xlabel="PC 1", ylabel="PC 2")
+    show_or_save(fig, args.out or LATENT_MAP_PATH, show)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Reconstruct, generate and explore with a trained VAE.")
+    p.add_argument("--model", default=MODEL_PATH, help="checkpoint written by train_vae.py")
+    p.add_argument("--image", default=IMAGE_PATH, help="image to reconstruct (default mode)")
+    p.add_argument("--out", default=None, help="where to save the figure (default: per mode, in vae_results/)")
+    p.add_argument("--no-show", action="store_true", help="only save, never open a window")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--generate", type=positive(int), metavar="N", help="decode N latents from a prior")
+    mode.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="walk from image A to image B")
+    mode.add_argument("--latent-map", metavar="FOLDER", help="map a folder's images in latent space")
+    p.add_argument("--prior", choices=["normal", "data"], default="normal",
+                   help="--generate from N(0, I), or from a Gaussian fitted to --data's latents")
+    p.add_argument("--data", metavar="FOLDER", help="images to fit --prior data to")
+    p.add_argument("--steps", type=int, default=STEPS, help="points on the --interpolate line, at least 2")
+    p.add_argument("--seed", type=int, default=SEED)
+    args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error(f"argument --steps: needs at least 2 points (the two ends), got {args.steps}")
+    return args
+
+
+def main():
+    args = parse_args()
+    # A window only where one can open; headless runs (servers, CI) just save the figure.
+    show = not args.no_show and (sys.platform in ("darwin", "win32")
+                                 or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")))
+    if not show:
+        import matplotlib
+        matplotlib.use("Agg")
+    try:
+        device = pick_device(args.device)
+        model = load_model(args.model, device)
+        if args.generate:
+            generate(model, args, device, show)
+        elif args.interpolate:
+            interpolate(model, args, device, show)
+        elif args.latent_map:
+            latent_map(model, args, device, show)
+        else:
+            reconstruct(model, args, device, show)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

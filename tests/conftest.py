@@ -1,0 +1,72 @@
+"""Shared fixtures: small generated images in a temporary folder, and one model trained on
+them by the real script. Nothing here touches the network or ../shared."""
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HF_HOME = tempfile.mkdtemp(prefix="vae_tests_hf_")  # keeps datasets' cache out of ~ and the repo
+
+
+def blob_image(seed, size=(48, 40), mode="RGB"):
+    """A coloured ellipse and rectangle on white: a stand-in for a Pokémon on white."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    colour = tuple(rng.randrange(256) for _ in range(3))
+    draw.ellipse([rng.randrange(w // 3), rng.randrange(h // 3), w - rng.randrange(1, w // 3),
+                  h - rng.randrange(1, h // 3)], fill=colour)
+    draw.rectangle([w // 3, h // 2, w // 2, h - 2], fill=tuple(255 - c for c in colour))
+    return image.convert(mode)
+
+
+def make_folder(folder, count=12, size=(48, 40)):
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        blob_image(i, size).save(os.path.join(folder, f"blob_{i:02d}.png"))
+    return str(folder)
+
+
+def run_script(script, *args, cwd=None, env=None, timeout=300):
+    """Run one of the project's scripts as a user would, headless and offline."""
+    full_env = {**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1",
+                "HF_HOME": HF_HOME, **(env or {})}
+    full_env.pop("DISPLAY", None)
+    full_env.pop("WAYLAND_DISPLAY", None)
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_user_error(result, *phrases):
+    """Exit status 2, one clear message on stderr, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert "error:" in message, result.stderr[-2000:]
+    for phrase in phrases:
+        assert phrase.lower() in message.lower(), message
+    return message
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, image_folder):
+    """train_vae.py at 32 px for 2 epochs, run from an empty working folder."""
+    work = tmp_path_factory.mktemp("work")
+    result = run_script("train_vae.py", "--data", image_folder, "--epochs", 2, "--image-size", 32,
+                        "--batch-size", 4, "--save-every", 1, "--out", "out/model.pth",
+                        "--results-dir", "out/results", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"work": work, "model": work / "out" / "model.pth", "results": work / "out" / "results",
+            "stdout": result.stdout}

@@ -1,0 +1,161 @@
+"""sample_vae.py: every mode, headless, on the model trained in conftest."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample_vae
+from conftest import assert_user_error, blob_image, run_script
+from train_vae import open_rgb, to_square
+from vae_model import load_vae
+
+
+def test_reconstruction_figure(trained, image_folder, tmp_path):
+    out = tmp_path / "fig.png"
+    result = run_script("sample_vae.py", "--model", trained["model"], "--no-show", "--out", out,
+                        "--image", os.path.join(image_folder, "blob_03.png"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reconstruction PSNR" in result.stdout
+    with Image.open(out) as figure:
+        assert figure.width > 3 * figure.height  # original | reconstruction | latent channels
+
+
+def test_generate_normal_prior(trained, tmp_path):
+    out = tmp_path / "gen.png"
+    result = run_script("sample_vae.py", "--model", trained["model"], "--no-show", "--generate", 16, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(out) as grid:  # 8 per row, 32 px each, 2 px padding
+        assert grid.size == (8 * 34 + 2, 2 * 34 + 2)
+
+
+def test_generate_is_repeatable_with_seed(trained, tmp_path):
+    outs = []
+    for name in ("a.png", "b.png"):
+        outs.append(tmp_path / name)
+        run_script("sample_vae.py", "--model", trained["model"], "--generate", 4, "--seed", 3, "--out", outs[-1])
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_generate_data_prior(trained, image_folder, tmp_path):
+    out = tmp_path / "gen.png"
+    result = run_script("sample_vae.py", "--model", trained["model"], "--generate", 3,
+                        "--prior", "data", "--data", image_folder, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(out) as grid:
+        assert grid.size == (3 * 34 + 2, 34 + 2)
+
+
+def test_data_prior_samples_follow_the_fitted_gaussian(trained):
+    model = load_vae(trained["model"])
+    images = torch.rand(10, 3, 32, 32) * 2 - 1
+    mean, std = sample_vae.fit_data_prior(model, images)
+    assert mean.shape == std.shape == (4, 4, 4)
+    z = sample_vae.draw_latents(20000, mean, std, seed=0)
+    assert torch.allclose(z.mean(0), mean, atol=0.05 * std.max().item() + 1e-3)
+    assert torch.allclose(z.std(0), std, rtol=0.05)
+
+
+def test_interpolation_strip_gif_and_endpoints(trained, image_folder, tmp_path):
+    a, b = (os.path.join(image_folder, name) for name in ("blob_01.png", "blob_05.png"))
+    out = tmp_path / "walk.png"
+    result = run_script("sample_vae.py", "--model", trained["model"], "--interpolate", a, b,
+                        "--steps", 5, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(out) as strip:
+        assert strip.size == (5 * 34 + 2, 34 + 2)
+    with Image.open(tmp_path / "walk.gif") as gif:
+        assert gif.n_frames == 8  # 5 there, 3 back
+    model = load_vae(trained["model"])
+    xa, xb = (sample_vae.load_image(path, 32) for path in (a, b))
+    frames = sample_vae.interpolation(model, xa, xb, 5)
+    with torch.no_grad():
+        assert torch.allclose(frames[0], model.decode(model.encode(xa)[0])[0], atol=1e-5)
+        assert torch.allclose(frames[-1], model.decode(model.encode(xb)[0])[0], atol=1e-5)
+
+
+def test_latent_map(trained, image_folder, tmp_path):
+    out = tmp_path / "map.png"
+    result = run_script("sample_vae.py", "--model", trained["model"], "--latent-map", image_folder, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(out) as figure:
+        assert figure.width > 500 and figure.height > 500
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--generate", "0"], "positive"),
+    (["--interpolate", "a.png", "b.png", "--steps", "1"], "at least 2"),
+    (["--generate", "4", "--prior", "data"], "needs --data"),
+])
+def test_bad_mode_arguments(trained, args, phrase):
+    assert_user_error(run_script("sample_vae.py", "--model", trained["model"], *args), phrase)
+
+
+def test_latent_map_of_a_folder_without_images(trained, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    result = run_script("sample_vae.py", "--model", trained["model"], "--latent-map", tmp_path / "empty")
+    assert_user_error(result, "no image files")
+
+
+def test_interpolate_with_a_missing_image(trained, image_folder, tmp_path):
+    result = run_script("sample_vae.py", "--model", trained["model"], "--interpolate",
+                        os.path.join(image_folder, "blob_01.png"), tmp_path / "missing.png")
+    assert_user_error(result, "does not exist")
+
+
+# ------------------------------------------------------------------ images of every mode
+
+def open_rgb_from(image):
+    """Save the image to a file in memory and open it the way the scripts do."""
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, format={"CMYK": "JPEG", "I": "TIFF"}.get(image.mode, "PNG"))
+    buffer.seek(0)
+    return open_rgb(buffer)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])
+def test_transparent_pixels_become_white(mode):
+    image = Image.new("RGBA", (20, 20), (0, 0, 0, 0))  # fully transparent black
+    image.paste((200, 30, 30, 255), (5, 5, 15, 15))
+    converted = open_rgb_from(image.convert(mode) if mode != "PA" else image.convert("P"))
+    assert converted.mode == "RGB"
+    assert converted.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_palette_with_transparency_becomes_white():
+    image = Image.new("P", (10, 10), 0)
+    image.putpalette([0, 0, 0, 250, 0, 0] + [0] * 762)
+    image.paste(1, (3, 3, 7, 7))
+    image.info["transparency"] = 0
+    converted = open_rgb_from(image)
+    assert converted.getpixel((0, 0)) == (255, 255, 255)
+    assert converted.getpixel((5, 5)) == (250, 0, 0)
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "I", "CMYK", "1", "RGB"])
+def test_every_mode_loads_as_rgb(mode):
+    image = blob_image(0, (24, 16))
+    if mode.startswith("I"):  # real 16-bit data spans 0..65535
+        image = Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257).convert(mode)
+    else:
+        image = image.convert(mode)
+    converted = open_rgb_from(image)
+    assert converted.mode == "RGB" and converted.size == (24, 16)
+    assert converted.getpixel((0, 0))[0] > 200  # white stays (nearly) white
+
+
+def test_sixteen_bit_grey_keeps_its_brightness():
+    image = Image.new("I;16", (4, 4), 32768)
+    assert abs(open_rgb_from(image).getpixel((0, 0))[0] - 128) <= 1
+
+
+@pytest.mark.parametrize("size", [(16, 16), (4000, 3000), (30, 90)])
+def test_to_square_keeps_the_shape_and_pads_white(size):
+    square = to_square(Image.new("RGB", size, (0, 0, 0)), 32)
+    assert square.size == (32, 32)
+    if size[0] != size[1]:
+        assert square.getpixel((0, 0)) == (255, 255, 255)  # padding, not stretching
+    assert square.getpixel((16, 16)) == (0, 0, 0)

@@ -1,0 +1,104 @@
+"""train_vae.py end to end, as a subprocess on generated images."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from PIL import Image
+
+from conftest import ROOT, HF_HOME, assert_user_error, blob_image, make_folder, run_script
+from vae_model import load_vae
+
+
+def read_metrics(results):
+    with open(os.path.join(results, "metrics.jsonl")) as file:
+        return [json.loads(line) for line in file]
+
+
+def test_training_writes_model_grids_metrics_and_curve(trained):
+    results = trained["results"]
+    model = load_vae(trained["model"])
+    assert model.image_size == 32 and model.config["latent_channels"] == 4
+    rows = read_metrics(results)
+    assert [row["epoch"] for row in rows] == [1, 2]
+    for key in ("train_mse", "train_kl", "val_loss", "val_psnr", "val_kl", "images_per_s", "elapsed_s"):
+        assert all(isinstance(row[key], float) for row in rows), key
+    for name in ("recon_epoch_001.png", "recon_epoch_002.png", "samples_epoch_002.png", "loss_curve.png"):
+        with Image.open(results / name) as image:
+            image.verify()
+    with Image.open(results / "recon_epoch_002.png") as grid:  # originals above reconstructions
+        assert grid.height == 2 * 32 + 3 * 2
+    assert "CPU defaults" in trained["stdout"]
+
+
+def test_scripts_write_only_under_the_paths_their_flags_name(trained):
+    assert sorted(os.listdir(trained["work"])) == ["out"]
+    assert sorted(os.listdir(trained["work"] / "out")) == ["model.pth", "results"]
+    assert not any(name.endswith(".tmp") or ".tmp" in name for name in os.listdir(trained["results"]))
+
+
+def test_ctrl_c_saves_and_resume_finishes_the_same_epochs(tmp_path, image_folder):
+    results = tmp_path / "results"
+    args = [sys.executable, os.path.join(ROOT, "train_vae.py"), "--data", image_folder,
+            "--epochs", "60", "--image-size", "32", "--batch-size", "4", "--save-every", "100",
+            "--out", str(tmp_path / "m.pth"), "--results-dir", str(results)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": HF_HOME, "MPLBACKEND": "Agg"}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+            (results / "metrics.jsonl").exists() and len(read_metrics(results)) >= 3):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "--resume" in stderr
+    stopped = torch.load(results / "checkpoint.pth", weights_only=True)["epoch"]
+    assert 2 <= stopped < 60
+    assert not (tmp_path / "m.pth").exists()
+
+    result = run_script("train_vae.py", "--resume", "--results-dir", results)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming after epoch {stopped} of 60" in result.stdout
+    assert [row["epoch"] for row in read_metrics(results)] == list(range(1, 61))
+    assert load_vae(tmp_path / "m.pth").image_size == 32
+
+
+def test_folder_with_odd_images_trains_on_the_rest_and_counts_the_skipped(tmp_path):
+    folder = make_folder(tmp_path / "images", count=4)
+    (tmp_path / "images" / "broken.png").write_bytes(os.urandom(500))
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    good = tmp_path / "images" / "blob_00.png"
+    (tmp_path / "images" / "truncated.png").write_bytes(good.read_bytes()[:150])
+    # Every mode a user's folder may hold must load.
+    blob_image(1, (40, 30)).convert("RGBA").save(tmp_path / "images" / "rgba.png")
+    blob_image(2, (30, 40)).convert("LA").save(tmp_path / "images" / "la.png")
+    blob_image(3).convert("P").save(tmp_path / "images" / "palette.png", transparency=0)
+    blob_image(4).convert("L").save(tmp_path / "images" / "grey.png")
+    blob_image(5).convert("I;16").save(tmp_path / "images" / "grey16.png")
+    blob_image(6).convert("CMYK").save(tmp_path / "images" / "cmyk.jpg")
+    blob_image(7, (16, 16)).save(tmp_path / "images" / "tiny.png")
+    blob_image(8, (4000, 3000)).save(tmp_path / "images" / "huge.jpg")
+    result = run_script("train_vae.py", "--data", folder, "--epochs", 1, "--image-size", 32,
+                        "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipped 2 file(s)" in result.stdout
+    assert "11 training and 1 validation images" in result.stdout
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, image_folder):
+    result = run_script("train_vae.py", "--data", image_folder, "--epochs", 3, "--image-size", 32,
+                        "--lr", "1e30", "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
+    assert_user_error(result, "lower --lr", "--kl-weight")
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_amp_code_path_runs_on_the_cpu(tmp_path, image_folder):
+    result = run_script("train_vae.py", "--data", image_folder, "--epochs", 1, "--image-size", 32,
+                        "--amp", "on", "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bfloat16 autocast" in result.stdout
+    assert load_vae(tmp_path / "m.pth").image_size == 32
