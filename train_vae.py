@@ -249,9 +249,11 @@ def plot_loss_curve(metrics, results_dir):
 
 def pick_device(name):
     if name != "auto":
-        available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                     "mps": torch.backends.mps.is_available()}
-        if not available.get(name.split(":")[0], False):
+        kind, _, index = name.partition(":")
+        available = {"cpu": not index, "mps": torch.backends.mps.is_available() and not index,
+                     "cuda": index.isdigit() and int(index) < torch.cuda.device_count()
+                     or not index and torch.cuda.is_available()}
+        if not available.get(kind, False):
             raise UserError(f"the device {name!r} is not available here; "
                             "use --device auto to pick the best one")
         return torch.device(name)

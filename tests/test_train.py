@@ -102,3 +102,31 @@ def test_amp_code_path_runs_on_the_cpu(tmp_path, image_folder):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bfloat16 autocast" in result.stdout
     assert load_vae(tmp_path / "m.pth").image_size == 32
+
+
+def test_metrics_and_pictures_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    import train_vae
+    train_vae.write_metrics([{"epoch": 1, "val_psnr": 20.0}], tmp_path)
+    before = (tmp_path / "metrics.jsonl").read_text()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_vae.json, "dumps", crash)  # dies halfway through the rewrite
+    try:
+        train_vae.write_metrics([{"epoch": 1}, {"epoch": 2}], tmp_path)
+    except KeyboardInterrupt:
+        pass
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    monkeypatch.undo()
+
+    picture = tmp_path / "grid.png"
+    train_vae.save_png(torch.zeros(1, 3, 8, 8), picture)
+    good = picture.read_bytes()
+    import torchvision.utils
+    monkeypatch.setattr(torchvision.utils, "save_image", crash)
+    try:
+        train_vae.save_png(torch.ones(1, 3, 8, 8), picture)
+    except KeyboardInterrupt:
+        pass
+    assert picture.read_bytes() == good
