@@ -138,8 +138,8 @@ def load_images(source, size):
     if skipped:
         print(f"skipped {skipped} file(s) that are not readable images")
     if len(images) < 2:
-        raise UserError(f"{source} holds {len(images)} readable image(s) and training needs "
-                        "at least 2; add images or pass another --data")
+        raise UserError(f"{source} holds {len(images)} readable image(s) and at least 2 are "
+                        "needed; add images or pass another folder")
     return torch.stack(images)
 
 
