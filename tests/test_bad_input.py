@@ -34,7 +34,33 @@ def test_hub_unreachable_fails_fast(tmp_path):
     assert_user_error(result, "cannot reach the Hugging Face Hub", "--data")
 
 
+def test_hub_data_set_that_does_not_exist(tmp_path):
+    """A Hub that answers 404 (a server on this machine standing in for it)."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.end_headers()
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = run_script("train_vae.py", "--data", "someone/no-such-dataset", "--results-dir", tmp_path / "r",
+                            env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}"},
+                            timeout=120)
+    finally:
+        server.shutdown()
+    assert_user_error(result, "could not load the Hub data set", "--data")
+
+
 @pytest.mark.parametrize("flag,value,phrase", [
+    ("--channels", "32,64", "three comma-separated"), ("--val-fraction", "1.5", "between 0 and 1"),
     ("--image-size", "100", "multiple of 8"), ("--image-size", "0", "positive"),
     ("--epochs", "0", "positive"), ("--epochs", "ten", "expected a int"),
     ("--batch-size", "-4", "positive"), ("--lr", "0", "positive"), ("--kl-weight", "-1", "zero or positive"),
