@@ -18,7 +18,7 @@ import sys
 import torch
 
 from vae_model import CheckpointError, load_vae, psnr
-from train_vae import UserError, load_images, open_rgb, pick_device, positive, save_png, to_square
+from train_vae import UserError, load_images, open_rgb, pick_device, positive_int, save_png, to_square
 
 # -----------------------------------------------------------------------------------------------
 MODEL_PATH = "vae_model.pth"                      # checkpoint written by train_vae.py
@@ -220,7 +220,7 @@ def parse_args(argv=None):
     p.add_argument("--no-show", action="store_true", help="only save, never open a window")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--generate", type=positive(int), metavar="N", help="decode N latents from a prior")
+    mode.add_argument("--generate", type=positive_int, metavar="N", help="decode N latents from a prior")
     mode.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="walk from image A to image B")
     mode.add_argument("--latent-map", metavar="FOLDER", help="map a folder's images in latent space")
     p.add_argument("--prior", choices=["normal", "data"], default="normal",

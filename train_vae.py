@@ -32,7 +32,7 @@ BATCH_SIZE = 16           # images per optimizer step
 LEARNING_RATE = 1e-3      # peak learning rate of the one-cycle schedule
 KL_WEIGHT = 0.1           # weight of the KL term against the summed reconstruction error
 LATENT_CHANNELS = 4       # channels of the latent; it is H/8 x W/8 in space
-CHANNELS = "32,64,128"    # widths of the encoder's three stages (the decoder mirrors them)
+CHANNELS = [32, 64, 128]  # widths of the encoder's three stages (the decoder mirrors them)
 VAL_FRACTION = 0.05       # share of images held out, never augmented, for validation
 SAVE_EVERY = 10           # epochs between reconstruction / sample grids
 SEED = 0                  # seeds the split, the shuffling, the augmentation and the weights
@@ -335,8 +335,7 @@ def train(args):
         train_images = train_images.pin_memory()
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls autocast leaves
 
-    channels = [int(width) for width in args.channels.split(",")]
-    model = VAE(args.image_size, args.latent_channels, channels).to(device)
+    model = VAE(args.image_size, args.latent_channels, args.channels).to(device)
     # channels_last (NHWC) is the layout the oneDNN / cuDNN convolution kernels prefer.
     model = model.to(memory_format=torch.channels_last)
     noise = torch.randn(16, args.latent_channels, args.image_size // 8, args.image_size // 8,
@@ -404,57 +403,44 @@ def train(args):
 # Command line: every setting above has a flag; the constant is its default
 # ---------------------------------------------------------------------------------------
 
-def positive(kind):
+def checked(kind, ok, rule):
+    """An argparse type: convert the text with `kind`, then insist on `ok(value)`."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
         return value
     return parse
 
 
-def image_size(text):
-    value = positive(int)(text)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (the encoder halves it "
-                                         f"three times), got {value}")
-    return value
-
-
-def channel_list(text):
-    try:
-        widths = [int(width) for width in text.split(",")]
-    except ValueError:
-        widths = []
-    if len(widths) != 3 or any(width < 4 or width % 4 for width in widths):
-        raise argparse.ArgumentTypeError(f"must be three comma-separated multiples of 4, got {text!r}")
-    return text
-
-
-def fraction(text):
-    value = positive(float)(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+positive_int = checked(int, lambda v: v > 0, "a positive whole number")
+positive_float = checked(float, lambda v: v > 0, "a positive number")
+image_size = checked(int, lambda v: v > 0 and v % 8 == 0,
+                     "a positive multiple of 8 (the encoder halves the image three times)")
+channel_list = checked(lambda text: [int(w) for w in text.split(",")],
+                       lambda ws: len(ws) == 3 and all(w >= 4 and w % 4 == 0 for w in ws),
+                       "three comma-separated multiples of 4, like 32,64,128")
+fraction = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
+non_negative = checked(float, lambda v: v >= 0, "zero or positive")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a convolutional VAE on Pokémon images.")
     p.add_argument("--data", default=DATASET, help="Hub data set name or local image folder")
-    p.add_argument("--epochs", type=positive(int), default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"default {EPOCHS} with a GPU, {CPU_EPOCHS} without")
     p.add_argument("--image-size", type=image_size, default=None,
                    help=f"px, multiple of 8; default {IMAGE_SIZE} with a GPU, {CPU_IMAGE_SIZE} without")
-    p.add_argument("--batch-size", type=positive(int), default=BATCH_SIZE)
-    p.add_argument("--lr", type=positive(float), default=LEARNING_RATE)
-    p.add_argument("--kl-weight", type=float, default=KL_WEIGHT)
-    p.add_argument("--latent-channels", type=positive(int), default=LATENT_CHANNELS)
-    p.add_argument("--channels", type=channel_list, default=CHANNELS)
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE)
+    p.add_argument("--lr", type=positive_float, default=LEARNING_RATE)
+    p.add_argument("--kl-weight", type=non_negative, default=KL_WEIGHT)
+    p.add_argument("--latent-channels", type=positive_int, default=LATENT_CHANNELS)
+    p.add_argument("--channels", type=channel_list, default=CHANNELS, help="e.g. 32,64,128")
     p.add_argument("--val-fraction", type=fraction, default=VAL_FRACTION)
-    p.add_argument("--save-every", type=positive(int), default=SAVE_EVERY,
+    p.add_argument("--save-every", type=positive_int, default=SAVE_EVERY,
                    help="epochs between reconstruction and sample grids")
     p.add_argument("--amp", choices=["auto", "on", "off"], default=AMP,
                    help="bfloat16 autocast; auto turns it on with CUDA")
@@ -466,10 +452,7 @@ def parse_args(argv=None):
     p.add_argument("--results-dir", default=RESULTS_DIR)
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in --results-dir")
-    args = p.parse_args(argv)
-    if args.kl_weight < 0:
-        p.error(f"argument --kl-weight: must be zero or positive, got {args.kl_weight}")
-    return args
+    return p.parse_args(argv)
 
 
 def main():

@@ -121,8 +121,7 @@ def recipe(name, size):
             kl = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp())
             return mse + KL_WEIGHT * kl
         return model, 8, train_vae.LEARNING_RATE, batches_seed, loss_fn
-    channels = [int(c) for c in train_vae.CHANNELS.split(",")]
-    model = VAE(size, train_vae.LATENT_CHANNELS, channels).to(memory_format=torch.channels_last)
+    model = VAE(size, train_vae.LATENT_CHANNELS, train_vae.CHANNELS).to(memory_format=torch.channels_last)
     def loss_fn(recon, x, mu, log_var):
         return vae_loss(recon, x, mu, log_var, train_vae.KL_WEIGHT)[0]
     return model, train_vae.BATCH_SIZE, train_vae.LEARNING_RATE, batches_project, loss_fn

@@ -62,7 +62,7 @@ def test_hub_data_set_that_does_not_exist(tmp_path):
 @pytest.mark.parametrize("flag,value,phrase", [
     ("--channels", "32,64", "three comma-separated"), ("--val-fraction", "1.5", "between 0 and 1"),
     ("--image-size", "100", "multiple of 8"), ("--image-size", "0", "positive"),
-    ("--epochs", "0", "positive"), ("--epochs", "ten", "expected a int"),
+    ("--epochs", "0", "positive"), ("--epochs", "ten", "positive whole number"),
     ("--batch-size", "-4", "positive"), ("--lr", "0", "positive"), ("--kl-weight", "-1", "zero or positive"),
     ("--device", "cuda:7", "not available"),
 ])
