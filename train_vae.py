@@ -123,8 +123,8 @@ def open_dataset(source):
 
 
 def load_images(source, size):
-    """All images as one uint8 tensor (N, 3, size, size): decoded and resized once per run,
-    so every epoch after the first costs no JPEG decoding at all."""
+    """All images as one uint8 tensor (N, 3, size, size), decoded and resized once per run:
+    the epochs then read memory, not JPEG files."""
     import io
     from torchvision.transforms.v2.functional import pil_to_tensor
     from tqdm import tqdm
@@ -151,7 +151,7 @@ def split(images, fraction, seed):
 
 
 # ---------------------------------------------------------------------------------------
-# Augmentation: on whole batches of uint8 tensors, on the training device
+# Augmentation: on uint8 tensors already in memory, on the training device
 # ---------------------------------------------------------------------------------------
 
 def make_augment():
@@ -159,7 +159,8 @@ def make_augment():
     one_image = v2.Compose([
         v2.RandomHorizontalFlip(),
         v2.RandomRotation(10, interpolation=v2.InterpolationMode.BILINEAR, fill=255),  # white corners
-        # Light colour jitter; no hue shift: on the CPU it costs 4x the rest together.
+        # Light colour jitter without a hue shift: at 128 px the hue shift alone costs 1.7 ms
+        # per image on a CPU, more than twice the other three (benchmarks/bench_step.py).
         v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),
     ])
     # A v2 transform draws one set of random parameters per call, so calling it per image
@@ -266,8 +267,8 @@ def pick_device(name):
 
 def settings(args, device, checkpoint_path):
     """The run's settings: those a resumed run started with, else the flags, with the CPU
-    defaults filled in when there is no GPU (the seed's 512 px x 200 epochs would take a
-    day on a CPU)."""
+    defaults filled in when there is no GPU (the seed's 512 px costs 16x the work per image
+    of 128 px, and 200 epochs of it is far beyond a laptop CPU's hour)."""
     resumed = None
     if args.resume:
         try:
@@ -289,11 +290,13 @@ def settings(args, device, checkpoint_path):
 
 
 def train_one_epoch(model, images, augment, optimizer, scheduler, shuffle, args, device, epoch):
-    """One pass over the training images; returns mean MSE, mean KL and seconds spent on data."""
+    """One pass over the training images; returns mean MSE, mean KL and seconds spent on data.
+    The loop never waits for the device: losses are summed as tensors, read once per epoch
+    (plus every 10th step for the progress bar)."""
     from tqdm import tqdm
     order = torch.randperm(len(images), generator=shuffle)
     steps = math.ceil(len(images) / args.batch_size)
-    sums, data_time = torch.zeros(2), 0.0
+    sums, data_time = torch.zeros(2, device=device), 0.0
     bar = tqdm(range(steps), desc=f"epoch {epoch}/{args.epochs}", leave=False)
     for step in bar:
         tick = time.perf_counter()
@@ -306,17 +309,19 @@ def train_one_epoch(model, images, augment, optimizer, scheduler, shuffle, args,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_amp):
             recon, mu, log_var = model(x)
         loss, mse, kl = vae_loss(recon.float(), x, mu.float(), log_var.float(), args.kl_weight)
-        if not torch.isfinite(loss):
-            raise UserError(f"the loss became {loss.item()} in epoch {epoch}; training is unstable, "
-                            f"so lower --lr (now {args.lr}) or --kl-weight (now {args.kl_weight}); "
-                            f"the last good checkpoint is kept in {args.results_dir}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        sums += torch.stack([mse.detach(), kl.detach()]).cpu()
-        bar.set_postfix(loss=f"{loss.item():.1f}")
-    return (sums / steps).tolist() + [data_time]
+        sums += torch.stack([mse.detach(), kl.detach()])
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.1f}")
+    mse, kl = (sums / steps).tolist()
+    if not (math.isfinite(mse) and math.isfinite(kl)):  # a NaN anywhere in the epoch ends up here
+        raise UserError(f"the loss became {mse + kl} in epoch {epoch}; training is unstable, "
+                        f"so lower --lr (now {args.lr}) or --kl-weight (now {args.kl_weight}); "
+                        f"the last good checkpoint is kept in {args.results_dir}")
+    return mse, kl, data_time
 
 
 def train(args):

@@ -11,7 +11,6 @@ Markdown table.
 """
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -101,7 +100,6 @@ def batches_seed(paths, size, batch_size):
 
 
 def batches_project(paths, size, batch_size):
-    from PIL import Image
     from torchvision.transforms.v2.functional import pil_to_tensor
     images = torch.stack([pil_to_tensor(train_vae.to_square(train_vae.open_rgb(p), size)) for p in paths])
     augment = train_vae.make_augment()
