@@ -45,6 +45,9 @@ def test_generate_data_prior(trained, image_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     with Image.open(out) as grid:
         assert grid.size == (3 * 34 + 2, 34 + 2)
+    normal = tmp_path / "normal.png"  # same seed, same eps: only the prior differs
+    run_script("sample_vae.py", "--model", trained["model"], "--generate", 3, "--out", normal)
+    assert normal.read_bytes() != out.read_bytes()
 
 
 def test_data_prior_samples_follow_the_fitted_gaussian(trained):
