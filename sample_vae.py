@@ -12,6 +12,7 @@ never from constants here. Each mode is one small function; every figure is save
 only where a display exists.
 """
 import argparse
+import math
 import os
 import sys
 
@@ -110,16 +111,20 @@ def reconstruct(model, args, device, show):
     kl = vae_loss(recon, x, mu, log_var)[2]  # the same closed form as in training
     print(f"reconstruction PSNR {psnr(recon, x):.2f} dB (KL {kl.item():.0f} nats)")
     channels = mu.shape[1]
-    fig, axes = plt.subplots(1, 2 + channels, figsize=(3 * (2 + channels), 3.4),
-                             gridspec_kw={"width_ratios": [2, 2] + [1] * channels})
-    axes[0].imshow(to_picture(x[0]))
-    axes[0].set_title("original")
-    axes[1].imshow(to_picture(recon[0]))
-    axes[1].set_title("reconstruction")
+    rows = 1 if channels <= 4 else 2  # the latent maps in one row, or two when there are many
+    cols = math.ceil(channels / rows)
+    fig = plt.figure(figsize=(1.8 * (2 * rows + cols), 1.8 * rows + 0.6))
+    grid = fig.add_gridspec(rows, 2 * rows + cols)
+    big = [(grid[:, :rows], x[0], "original"), (grid[:, rows:2 * rows], recon[0], "reconstruction")]
+    for cell, image, title in big:
+        axis = fig.add_subplot(cell)
+        axis.imshow(to_picture(image))
+        axis.set_title(title)
+        axis.axis("off")
     for c in range(channels):
-        axes[2 + c].imshow(mu[0, c].cpu().numpy(), cmap="viridis")
-        axes[2 + c].set_title(f"latent {c}")
-    for axis in axes:
+        axis = fig.add_subplot(grid[c // cols, 2 * rows + c % cols])
+        axis.imshow(mu[0, c].cpu().numpy(), cmap="viridis")
+        axis.set_title(f"latent {c}", fontsize=9)
         axis.axis("off")
     show_or_save(fig, args.out or OUTPUT_PATH, show)
 

@@ -92,17 +92,16 @@ def file_split(folder, val_fraction=train_vae.VAL_FRACTION, seed=train_vae.SEED)
     return paths[n_val:], paths[:n_val]
 
 
-def batches_seed(paths, size, batch_size):
+def batches_seed(paths, size, batch_size, augment=None):
     loader = torch.utils.data.DataLoader(SeedFiles(paths, seed_transforms(size, True)),
                                          batch_size=batch_size, shuffle=True, num_workers=0)
     while True:
         yield from loader
 
 
-def batches_project(paths, size, batch_size):
+def batches_project(paths, size, batch_size, augment):
     from torchvision.transforms.v2.functional import pil_to_tensor
     images = torch.stack([pil_to_tensor(train_vae.to_square(train_vae.open_rgb(p), size)) for p in paths])
-    augment = train_vae.make_augment()
     while True:
         order = torch.randperm(len(images))
         for start in range(0, len(images) - batch_size + 1, batch_size):
@@ -110,26 +109,36 @@ def batches_project(paths, size, batch_size):
             yield x.contiguous(memory_format=torch.channels_last)
 
 
-def recipe(name, size):
-    """Model, optimizer factory, batch size, batch source and loss for one recipe."""
+def recipe(spec, size):
+    """Model, batch size, learning rate, batch source, loss and autocast flag of one recipe.
+    `spec` is "seed", "project", or "project:key=value,..." for an ablation of the project's
+    recipe, with keys lr, batch, amp (on/off), rotation (degrees), channels (e.g. 32/64/128),
+    latent (latent channels)."""
+    name, _, options = spec.partition(":")
     if name == "seed":
         model = SeedVAE()
         def loss_fn(recon, x, mu, log_var):  # summed over the whole batch, as the seed does
             mse = F.mse_loss(recon, x, reduction="sum")
             kl = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp())
             return mse + KL_WEIGHT * kl
-        return model, 8, train_vae.LEARNING_RATE, batches_seed, loss_fn
-    model = VAE(size, train_vae.LATENT_CHANNELS, train_vae.CHANNELS).to(memory_format=torch.channels_last)
+        return model, 8, 1e-3, batches_seed, loss_fn, False, None
+    o = dict(item.split("=") for item in options.split(",") if item)
+    channels = [int(c) for c in o.get("channels", "/".join(map(str, train_vae.CHANNELS))).split("/")]
+    latent = int(o.get("latent", train_vae.LATENT_CHANNELS))
+    model = VAE(size, latent, channels).to(memory_format=torch.channels_last)
+    amp = o.get("amp", "on" if train_vae.bf16_is_fast(torch.device("cpu")) else "off") == "on"
+    augment = train_vae.make_augment(float(o.get("rotation", train_vae.ROTATION)))
     def loss_fn(recon, x, mu, log_var):
-        return vae_loss(recon, x, mu, log_var, train_vae.KL_WEIGHT)[0]
-    return model, train_vae.BATCH_SIZE, train_vae.LEARNING_RATE, batches_project, loss_fn
+        return vae_loss(recon.float(), x, mu.float(), log_var.float(), train_vae.KL_WEIGHT)[0]
+    return (model, int(o.get("batch", train_vae.BATCH_SIZE)), float(o.get("lr", train_vae.LEARNING_RATE)),
+            batches_project, loss_fn, amp, augment)
 
 
 @torch.no_grad()
 def evaluate(model, val):
     model.eval()
     mu, log_var = model.encode(val)
-    recon = model.decode(mu)
+    recon = model.decode(mu).float()
     n = len(val)
     mse = F.mse_loss(recon, val, reduction="sum").item() / n
     kl = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp()).item() / n
@@ -141,12 +150,13 @@ def run_recipe(name, data, size, minutes, seed):
     train_paths, val_paths = file_split(data)
     val_transform = seed_transforms(size, False)
     val = torch.stack([val_transform(train_vae.open_rgb(p)) for p in val_paths])
-    model, batch_size, lr, batches, loss_fn = recipe(name, size)
-    source = batches(train_paths, size, batch_size)
+    model, batch_size, lr, batches, loss_fn, amp, augment = recipe(name, size)
+    source = batches(train_paths, size, batch_size, augment)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
 
     def step(x, scheduler=None):
-        recon, mu, log_var = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            recon, mu, log_var = model(x)
         loss = loss_fn(recon, x, mu, log_var)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -160,9 +170,9 @@ def run_recipe(name, data, size, minutes, seed):
         step(x)
     flops_per_step = counter.get_total_flops()
     tick = time.perf_counter()
-    for _ in range(5):
+    for _ in range(20):
         step(next(source))
-    rate = 5 / (time.perf_counter() - tick)
+    rate = 20 / (time.perf_counter() - tick)
     planned = max(10, int(rate * minutes * 60))
     model.load_state_dict(recipe(name, size)[0].state_dict())  # the warm-up steps do not count
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -178,7 +188,7 @@ def run_recipe(name, data, size, minutes, seed):
         step(x, scheduler)
         steps += 1
     seconds = time.perf_counter() - started
-    return {"recipe": name, "images_per_s": steps * batch_size / seconds,
+    return {"recipe": name, "amp": amp, "images_per_s": steps * batch_size / seconds,
             "epochs": steps * batch_size / len(train_paths), "steps": steps, "planned_steps": planned,
             "seconds": seconds, "data_wait_fraction": data_time / seconds,
             "gflops": flops_per_step * steps / seconds / 1e9,
@@ -201,7 +211,8 @@ def main():
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--minutes", type=float, default=10.0, help="training budget of each recipe")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recipes", default="seed,project")
+    p.add_argument("--recipes", nargs="+", default=["seed", "project"],
+                   help='"seed", "project", or an ablation such as "project:lr=2e-3,amp=off"')
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one recipe, print JSON
     args = p.parse_args()
     if args.one:
@@ -209,7 +220,7 @@ def main():
         return
     peak = matmul_gflops()
     rows = []
-    for name in args.recipes.split(","):
+    for name in args.recipes:
         out = subprocess.run([sys.executable, __file__, "--one", name, "--data", args.data,
                               "--image-size", str(args.image_size), "--minutes", str(args.minutes),
                               "--seed", str(args.seed)], capture_output=True, text=True, check=True)

@@ -21,7 +21,7 @@ def read_metrics(results):
 def test_training_writes_model_grids_metrics_and_curve(trained):
     results = trained["results"]
     model = load_vae(trained["model"])
-    assert model.image_size == 32 and model.config["latent_channels"] == 4
+    assert model.image_size == 32 and model.config["latent_channels"] == 8
     rows = read_metrics(results)
     assert [row["epoch"] for row in rows] == [1, 2]
     for key in ("train_mse", "train_kl", "val_loss", "val_psnr", "val_kl", "images_per_s", "elapsed_s"):
@@ -102,6 +102,32 @@ def test_amp_code_path_runs_on_the_cpu(tmp_path, image_folder):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bfloat16 autocast" in result.stdout
     assert load_vae(tmp_path / "m.pth").image_size == 32
+
+
+def test_amp_auto_follows_the_hardware_check(tmp_path, image_folder):
+    import train_vae
+    result = run_script("train_vae.py", "--data", image_folder, "--epochs", 1, "--image-size", 32,
+                        "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
+    assert result.returncode == 0, result.stderr[-2000:]
+    fast = train_vae.bf16_is_fast(torch.device("cpu"))
+    assert ("bfloat16 autocast" in result.stdout.splitlines()[0]) == fast
+
+
+def test_augmentation_flips_rotates_and_keeps_uint8():
+    import train_vae
+    torch.manual_seed(0)
+    batch = torch.full((4, 3, 32, 32), 255, dtype=torch.uint8)
+    batch[:, :, :, :8] = 0  # a black stripe on the left edge of every image
+    left_dark, right_dark, rotated = 0, 0, 0
+    for _ in range(40):
+        out = train_vae.make_augment()(batch)
+        assert out.dtype == torch.uint8 and out.shape == batch.shape
+        left_dark += int(out[0, :, 12:20, :4].float().mean() < 128)
+        right_dark += int(out[0, :, 12:20, -4:].float().mean() < 128)
+        # A rotation tilts the stripe's edge: its top and bottom rows then differ.
+        rotated += int((out[0, 0, 2] < 128).sum() != (out[0, 0, -3] < 128).sum())
+    assert left_dark > 5 and right_dark > 5 and left_dark + right_dark == 40
+    assert rotated > 20
 
 
 def test_metrics_and_pictures_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
