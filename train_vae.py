@@ -27,12 +27,13 @@ DATASET = "svjack/pokemon-blip-captions-en-zh"  # Hub data set name, or a local 
 IMAGE_SIZE = 512          # px, side of the square training image (with a GPU)
 EPOCHS = 200              # passes over the training images (with a GPU)
 CPU_IMAGE_SIZE = 128      # px, used instead of IMAGE_SIZE when there is no GPU
-CPU_EPOCHS = 200          # used instead of EPOCHS when there is no GPU
-BATCH_SIZE = 8            # images per optimizer step
-LEARNING_RATE = 1e-3      # peak learning rate of the one-cycle schedule
+CPU_EPOCHS = 100          # used instead of EPOCHS when there is no GPU (about 50 min)
+BATCH_SIZE = 4            # images per optimizer step
+LEARNING_RATE = 2e-3      # peak learning rate of the one-cycle schedule
+WARMUP = 0.1              # share of the steps in which the learning rate climbs to its peak
 KL_WEIGHT = 0.1           # weight of the KL term against the summed reconstruction error
 LATENT_CHANNELS = 8       # channels of the latent; it is H/8 x W/8 in space
-CHANNELS = [32, 64, 128]  # widths of the encoder's three stages (the decoder mirrors them)
+CHANNELS = [32, 64, 128]  # widths at 1/2, 1/4 and 1/8 of the image size (the decoder mirrors them)
 VAL_FRACTION = 0.05       # share of images held out, never augmented, for validation
 SAVE_EVERY = 10           # epochs between reconstruction / sample grids
 SEED = 0                  # seeds the split, the shuffling, the augmentation and the weights
@@ -289,6 +290,13 @@ def settings(args, device, checkpoint_path):
         except (FileNotFoundError, CheckpointError):
             raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
                             "start a new run without --resume") from None
+        defaults = vars(parse_args([]))
+        ignored = [name for name, value in vars(args).items()
+                   if name in resumed["args"] and name not in ("device", "resume", "results_dir")
+                   and value != defaults[name] and value != resumed["args"][name]]
+        if ignored:
+            print("note: a resumed run keeps the settings it started with; ignoring "
+                  + ", ".join("--" + name.replace("_", "-") for name in sorted(ignored)))
         args = argparse.Namespace(**{**vars(args), **resumed["args"], "device": args.device,
                                      "resume": True})
     cpu = device.type != "cuda"
@@ -360,7 +368,7 @@ def train(args):
                         generator=torch.Generator().manual_seed(args.seed)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, pct_start=0.1,
+        optimizer, max_lr=args.lr, pct_start=WARMUP,
         total_steps=args.epochs * math.ceil(len(train_images) / args.batch_size))
     shuffle = torch.Generator().manual_seed(args.seed)
     saved_epoch, metrics = 0, []
@@ -443,6 +451,7 @@ channel_list = checked(lambda text: [int(w) for w in text.split(",")],
                        "three comma-separated multiples of 4, like 32,64,128")
 fraction = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 non_negative = checked(float, lambda v: v >= 0, "zero or positive")
+degrees = checked(float, lambda v: 0 <= v <= 180, "an angle from 0 to 180 degrees")
 
 
 def parse_args(argv=None):
@@ -458,7 +467,7 @@ def parse_args(argv=None):
     p.add_argument("--latent-channels", type=positive_int, default=LATENT_CHANNELS)
     p.add_argument("--channels", type=channel_list, default=CHANNELS, help="e.g. 32,64,128")
     p.add_argument("--val-fraction", type=fraction, default=VAL_FRACTION)
-    p.add_argument("--rotation", type=non_negative, default=ROTATION,
+    p.add_argument("--rotation", type=degrees, default=ROTATION,
                    help="degrees, largest random rotation of a training image")
     p.add_argument("--save-every", type=positive_int, default=SAVE_EVERY,
                    help="epochs between reconstruction and sample grids")

@@ -7,6 +7,7 @@ loss, and the checkpoint helpers that let sample_vae.py rebuild exactly the mode
 train_vae.py trained. Torch only: data loading, the training loop and plotting live in
 the two scripts.
 """
+import math
 import os
 
 import torch
@@ -19,9 +20,10 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------
 
 def norm(channels):
-    # GroupNorm instead of BatchNorm: it does not depend on the batch, so a batch of 8 on a
-    # laptop, a batch of 1 in sample_vae.py and train/eval mode all behave the same.
-    return nn.GroupNorm(min(32, channels // 4), channels)
+    # GroupNorm instead of BatchNorm: it does not depend on the batch, so a batch of 4 on a
+    # laptop, a batch of 1 in sample_vae.py and train/eval mode all behave the same. Groups
+    # of 4 channels, at most 32 groups; gcd keeps the count a divisor of any width.
+    return nn.GroupNorm(math.gcd(channels // 4, 32), channels)
 
 
 class ResBlock(nn.Module):
@@ -44,17 +46,22 @@ class ResBlock(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 class Encoder(nn.Module):
-    def __init__(self, latent_channels=4, channels=(32, 64, 128)):
+    def __init__(self, latent_channels=8, channels=(32, 64, 128)):
         super().__init__()
-        layers = [nn.Conv2d(3, channels[0], 3, padding=1)]
-        previous = channels[0]
-        for width in channels:  # each stage halves the resolution: three stages -> H/8
-            layers += [nn.Conv2d(previous, width, 3, stride=2, padding=1), ResBlock(width)]
-            previous = width
-        layers += [norm(previous), nn.SiLU()]
-        self.body = nn.Sequential(*layers)
+        c2, c4, c8 = channels  # the widths at H/2, H/4 and H/8
+        self.body = nn.Sequential(
+            # H/2. PixelUnshuffle folds every 2x2 patch of pixels into 12 channels, so no
+            # conv runs at full resolution: a conv with few channels on a large map is the
+            # slowest work per FLOP in the network, and dropping the full-resolution convs
+            # made a training step 1.9x faster and no worse (README, Performance).
+            nn.PixelUnshuffle(2), nn.Conv2d(12, c2, 3, padding=1),
+            # H/4 and H/8: a stride-2 conv halves the size, a residual block refines.
+            nn.Conv2d(c2, c4, 3, stride=2, padding=1), ResBlock(c4),
+            nn.Conv2d(c4, c8, 3, stride=2, padding=1), ResBlock(c8),
+            norm(c8), nn.SiLU(),
+        )
         # One head predicts both parameters of q(z|x) at every latent position.
-        self.head = nn.Conv2d(previous, 2 * latent_channels, 3, padding=1)
+        self.head = nn.Conv2d(c8, 2 * latent_channels, 3, padding=1)
 
     def forward(self, x):
         mu, log_var = self.head(self.body(x)).chunk(2, dim=1)
@@ -66,25 +73,26 @@ class Encoder(nn.Module):
 # Decoder: latent z (B, latent, H/8, W/8)  ->  image (B, 3, H, W) in [-1, 1]
 # ---------------------------------------------------------------------------------------
 
+def upsample(in_channels, out_channels):
+    # Nearest upsampling + conv rather than ConvTranspose2d: a stride-2 transposed conv
+    # overlaps its kernels unevenly and paints a checkerboard on the image.
+    return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_channels, out_channels, 3, padding=1)]
+
+
 class Decoder(nn.Module):
-    def __init__(self, latent_channels=4, channels=(32, 64, 128)):
+    def __init__(self, latent_channels=8, channels=(32, 64, 128)):
         super().__init__()
-        widths = list(reversed(channels))
-        layers = [nn.Conv2d(latent_channels, widths[0], 3, padding=1), ResBlock(widths[0])]
-        previous = widths[0]
-        for width in widths[1:]:
-            # Nearest upsampling + conv rather than ConvTranspose2d: a stride-2 transposed
-            # conv overlaps its kernels unevenly and paints a checkerboard on the image.
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"),
-                       nn.Conv2d(previous, width, 3, padding=1), ResBlock(width)]
-            previous = width
-        # The last doubling mirrors the encoder's first conv: at full resolution one conv
-        # is enough, and a ResBlock there would cost more than all the others together.
-        layers += [nn.Upsample(scale_factor=2, mode="nearest"),
-                   nn.Conv2d(previous, previous, 3, padding=1)]
-        # No normalization on the RGB output: the image's colours are not zero-mean.
-        layers += [norm(previous), nn.SiLU(), nn.Conv2d(previous, 3, 3, padding=1), nn.Tanh()]
-        self.body = nn.Sequential(*layers)
+        c2, c4, c8 = channels  # the encoder's widths, walked back up
+        self.body = nn.Sequential(
+            nn.Conv2d(latent_channels, c8, 3, padding=1), ResBlock(c8),  # H/8
+            *upsample(c8, c4), ResBlock(c4),                              # H/4
+            *upsample(c4, c2),                                            # H/2
+            # The mirror of PixelUnshuffle: one conv predicts the 12 values of every 2x2
+            # patch and PixelShuffle lays them out at full resolution ("sub-pixel
+            # convolution", Shi et al. 2016). No normalization after it: the image's
+            # colours are not zero-mean, and tanh puts them in [-1, 1] like the input.
+            norm(c2), nn.SiLU(), nn.Conv2d(c2, 12, 3, padding=1), nn.PixelShuffle(2), nn.Tanh(),
+        )
 
     def forward(self, z):
         return self.body(z)
@@ -95,7 +103,7 @@ class Decoder(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 class VAE(nn.Module):
-    def __init__(self, image_size=128, latent_channels=4, channels=(32, 64, 128)):
+    def __init__(self, image_size=128, latent_channels=8, channels=(32, 64, 128)):
         super().__init__()
         if image_size % 8 != 0:
             raise ValueError(f"image_size must be a multiple of 8, got {image_size}")

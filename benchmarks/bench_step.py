@@ -1,7 +1,7 @@
 """
 Speed of one training step and of the augmentation, for the choices train_vae.py makes.
 
-    python benchmarks/bench_step.py --image-size 128 --batch-size 16
+    python benchmarks/bench_step.py --image-size 128 --batch-size 4
 
 Prints a Markdown table: images/s and achieved GFLOP/s (counted by FlopCounterMode) of a
 full training step (forward, loss, backward, AdamW) for each model variant, and the cost of
@@ -16,32 +16,39 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from train_vae import BATCH_SIZE, LATENT_CHANNELS, make_augment  # noqa: E402
 from vae_model import VAE, vae_loss  # noqa: E402
 
 
-def step_speed(size, batch, channels, channels_last, repeats):
+def step_speed(size, batch, channels, channels_last, repeats, amp=False, compile_=False):
     torch.manual_seed(0)
-    model = VAE(size, 4, channels)
+    model = VAE(size, LATENT_CHANNELS, channels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.rand(batch, 3, size, size) * 2 - 1
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
 
+    forward = torch.compile(model) if compile_ else model
+
     def step():
-        recon, mu, log_var = model(x)
-        loss = vae_loss(recon, x, mu, log_var)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            recon, mu, log_var = forward(x)
+        loss = vae_loss(recon.float(), x, mu.float(), log_var.float())[0]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
     with FlopCounterMode(display=False) as counter:
         step()
+    tick = time.perf_counter()
     step()
+    step()  # torch.compile compiles here, twice (the first call was under the FLOP counter)
+    warm_up = time.perf_counter() - tick
     tick = time.perf_counter()
     for _ in range(repeats):
         step()
     seconds = (time.perf_counter() - tick) / repeats
-    return batch / seconds, counter.get_total_flops() / seconds / 1e9
+    return batch / seconds, counter.get_total_flops() / seconds / 1e9, warm_up
 
 
 def augment_cost(size, transform, repeats=20):
@@ -56,16 +63,23 @@ def augment_cost(size, transform, repeats=20):
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     print(f"{args.image_size} px, batch {args.batch_size}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
-    print("| model | images/s | GFLOP/s |\n|---|---|---|")
-    for channels, channels_last in [((32, 64, 128), False), ((32, 64, 128), True), ((64, 128, 256), True)]:
-        speed, gflops = step_speed(args.image_size, args.batch_size, channels, channels_last, args.repeats)
-        print(f"| widths {'/'.join(map(str, channels))}{', channels_last' if channels_last else ''} "
-              f"| {speed:.1f} | {gflops:.0f} |")
+    print("| model | images/s | GFLOP/s | first two steps (s) |\n|---|---|---|---|")
+    for channels, channels_last, amp, compile_ in [
+        ((32, 64, 128), False, False, False), ((32, 64, 128), True, False, False),
+        ((32, 64, 128), True, True, False), ((32, 64, 128), True, False, True),
+        ((64, 128, 256), True, False, False),
+    ]:
+        speed, gflops, warm_up = step_speed(args.image_size, args.batch_size, channels, channels_last,
+                                            args.repeats, amp, compile_)
+        name = ", ".join(["widths " + "/".join(map(str, channels))]
+                         + ["channels_last"] * channels_last + ["bf16 autocast"] * amp
+                         + ["torch.compile"] * compile_)
+        print(f"| {name} | {speed:.1f} | {gflops:.0f} | {warm_up:.1f} |")
 
     from torchvision.transforms import v2
     print("\n| augmentation (uint8 tensor, per image) | ms |\n|---|---|")
@@ -77,6 +91,16 @@ def main():
         ("ColorJitter(0.1, 0.1, 0.1, hue=0.02)", v2.ColorJitter(0.1, 0.1, 0.1, 0.02)),
     ]:
         print(f"| {name} | {augment_cost(args.image_size, transform):.2f} |")
+    print(f"| train_vae.make_augment(), one call per image | "
+          f"{augment_cost(args.image_size, make_augment()):.2f} |")
+    batch = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)
+    augment = make_augment()
+    augment(batch)
+    tick = time.perf_counter()
+    for _ in range(20):
+        augment(batch)
+    print(f"| train_vae.make_augment(), one call per batch of {args.batch_size} (what training does) | "
+          f"{(time.perf_counter() - tick) / (20 * args.batch_size) * 1000:.2f} |")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ own), with its one-cycle schedule planned for the steps that fit in that budget,
 train/validation split. Both are evaluated on the same validation tensors, prepared the seed's
 way (a plain, aspect-distorting resize: less white border, the harder test). Prints a
 Markdown table.
+
+The ablation in the README runs variants of the project's recipe the same way, e.g.
+
+    python benchmarks/bench_train.py --data ../shared/pokemon --minutes 4 \
+        --recipes project project:amp=off project:batch=16 project:latent=4
 """
 import argparse
 import json
@@ -25,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_vae  # noqa: E402
-from vae_model import VAE, psnr, vae_loss  # noqa: E402
+from vae_model import VAE, ResBlock, psnr, vae_loss  # noqa: E402
 
 KL_WEIGHT = 0.1   # the seed's objective: summed MSE + 0.1 x KL
 
@@ -109,11 +114,31 @@ def batches_project(paths, size, batch_size, augment):
             yield x.contiguous(memory_format=torch.channels_last)
 
 
+def ablate(model, options):
+    """The project's model with one of its design choices undone, for the README's ablation:
+    norm=batch (BatchNorm2d for every GroupNorm), up=transpose (a stride-2 ConvTranspose2d for
+    every nearest-upsample + conv), res=off (every residual block removed)."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        for i, layer in enumerate(module):
+            if options.get("norm") == "batch" and isinstance(layer, nn.GroupNorm):
+                module[i] = nn.BatchNorm2d(layer.num_channels)
+            elif options.get("res") == "off" and isinstance(layer, ResBlock):
+                module[i] = nn.Identity()
+            elif options.get("up") == "transpose" and isinstance(layer, nn.Upsample):
+                conv = module[i + 1]
+                module[i] = nn.ConvTranspose2d(conv.in_channels, conv.out_channels, 3, stride=2,
+                                               padding=1, output_padding=1)
+                module[i + 1] = nn.Identity()
+    return model
+
+
 def recipe(spec, size):
-    """Model, batch size, learning rate, batch source, loss and autocast flag of one recipe.
-    `spec` is "seed", "project", or "project:key=value,..." for an ablation of the project's
-    recipe, with keys lr, batch, amp (on/off), rotation (degrees), channels (e.g. 32/64/128),
-    latent (latent channels)."""
+    """Model, batch size, learning rate, warm-up share, batch source, loss and autocast flag of
+    one recipe. `spec` is "seed", "project", or "project:key=value,..." for an ablation of the
+    project's recipe, with keys lr, batch, amp (on/off), rotation (degrees), channels (e.g.
+    32/64/128), latent (latent channels), norm=batch, up=transpose, res=off (see ablate)."""
     name, _, options = spec.partition(":")
     if name == "seed":
         model = SeedVAE()
@@ -121,17 +146,17 @@ def recipe(spec, size):
             mse = F.mse_loss(recon, x, reduction="sum")
             kl = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp())
             return mse + KL_WEIGHT * kl
-        return model, 8, 1e-3, batches_seed, loss_fn, False, None
+        return model, 8, 1e-3, 0.3, batches_seed, loss_fn, False, None  # 0.3: OneCycleLR's default
     o = dict(item.split("=") for item in options.split(",") if item)
     channels = [int(c) for c in o.get("channels", "/".join(map(str, train_vae.CHANNELS))).split("/")]
     latent = int(o.get("latent", train_vae.LATENT_CHANNELS))
-    model = VAE(size, latent, channels).to(memory_format=torch.channels_last)
+    model = ablate(VAE(size, latent, channels), o).to(memory_format=torch.channels_last)
     amp = o.get("amp", "on" if train_vae.bf16_is_fast(torch.device("cpu")) else "off") == "on"
     augment = train_vae.make_augment(float(o.get("rotation", train_vae.ROTATION)))
     def loss_fn(recon, x, mu, log_var):
         return vae_loss(recon.float(), x, mu.float(), log_var.float(), train_vae.KL_WEIGHT)[0]
     return (model, int(o.get("batch", train_vae.BATCH_SIZE)), float(o.get("lr", train_vae.LEARNING_RATE)),
-            batches_project, loss_fn, amp, augment)
+            train_vae.WARMUP, batches_project, loss_fn, amp, augment)
 
 
 @torch.no_grad()
@@ -150,7 +175,7 @@ def run_recipe(name, data, size, minutes, seed):
     train_paths, val_paths = file_split(data)
     val_transform = seed_transforms(size, False)
     val = torch.stack([val_transform(train_vae.open_rgb(p)) for p in val_paths])
-    model, batch_size, lr, batches, loss_fn, amp, augment = recipe(name, size)
+    model, batch_size, lr, warmup, batches, loss_fn, amp, augment = recipe(name, size)
     source = batches(train_paths, size, batch_size, augment)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
 
@@ -173,10 +198,13 @@ def run_recipe(name, data, size, minutes, seed):
     for _ in range(20):
         step(next(source))
     rate = 20 / (time.perf_counter() - tick)
-    planned = max(10, int(rate * minutes * 60))
+    # 5% fewer steps than the measured rate allows: a long run is a little slower than its
+    # first 20 steps, and a schedule cut off before it anneals would handicap the recipe.
+    planned = max(10, int(0.95 * rate * minutes * 60))
     model.load_state_dict(recipe(name, size)[0].state_dict())  # the warm-up steps do not count
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=planned)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=planned,
+                                                    pct_start=warmup)
 
     model.train()
     data_time, steps, started = 0.0, 0, time.perf_counter()
@@ -196,8 +224,8 @@ def run_recipe(name, data, size, minutes, seed):
             **evaluate(model, val)}
 
 
-def matmul_gflops(n=2048, repeats=10):
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n=2048, repeats=10, dtype=torch.float32):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     tick = time.perf_counter()
     for _ in range(repeats):
@@ -218,7 +246,10 @@ def main():
     if args.one:
         print(json.dumps(run_recipe(args.one, args.data, args.image_size, args.minutes, args.seed)))
         return
+    # A bf16 matmul without a bf16 matrix unit is emulated and takes minutes: measure it only
+    # where train_vae.py would turn bf16 autocast on.
     peak = matmul_gflops()
+    peak_bf16 = matmul_gflops(dtype=torch.bfloat16) if train_vae.bf16_is_fast(torch.device("cpu")) else None
     rows = []
     for name in args.recipes:
         out = subprocess.run([sys.executable, __file__, "--one", name, "--data", args.data,
@@ -227,14 +258,19 @@ def main():
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done: {rows[-1]}", file=sys.stderr)
     print(f"\n{args.image_size} px, {args.minutes:g} min per recipe, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; fp32 matmul 2048^2 in this run: {peak:.0f} GFLOP/s\n")
-    print("| recipe | images/s | epochs | val PSNR (dB) | val KL / image (nats) | val objective / image "
-          "| peak memory (MB) | training GFLOP/s (% of matmul) | data wait |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"{torch.get_num_threads()} threads; a 2048 x 2048 matmul in this run: {peak:.0f} GFLOP/s "
+          f"in fp32" + (f", {peak_bf16:.0f} GFLOP/s in bf16" if peak_bf16 else " (bf16 not measured: no "
+                        "bf16 matrix unit)") + "\n")
+    print("| recipe | precision | images/s | epochs | val PSNR (dB) | val KL / image (nats) "
+          "| val objective / image | peak memory (MB) | training GFLOP/s | % of fp32 matmul "
+          "| % of bf16 matmul | data wait |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['recipe']} | {r['images_per_s']:.1f} | {r['epochs']:.1f} | {r['val_psnr']:.2f} | "
-              f"{r['val_kl']:.0f} | {r['val_objective']:.0f} | {r['peak_mb']:.0f} | "
-              f"{r['gflops']:.0f} ({100 * r['gflops'] / peak:.0f}%) | {100 * r['data_wait_fraction']:.1f}% |")
+        of_bf16 = f"{100 * r['gflops'] / peak_bf16:.0f}%" if peak_bf16 else "n/a"
+        print(f"| {r['recipe']} | {'bf16 autocast' if r['amp'] else 'fp32'} | {r['images_per_s']:.1f} "
+              f"| {r['epochs']:.1f} | {r['val_psnr']:.2f} | {r['val_kl']:.0f} | {r['val_objective']:.0f} "
+              f"| {r['peak_mb']:.0f} | {r['gflops']:.0f} | {100 * r['gflops'] / peak:.0f}% "
+              f"| {of_bf16} | {100 * r['data_wait_fraction']:.1f}% |")
     if len(rows) == 2:
         a, b = rows
         print(f"\nobjective ratio {b['recipe']}/{a['recipe']}: {b['val_objective'] / a['val_objective']:.2f}; "

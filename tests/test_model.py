@@ -131,3 +131,10 @@ def test_pickled_code_is_refused_not_run(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_vae(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("channels", [(4, 8, 12), (12, 20, 132), (32, 64, 128)])
+def test_any_width_that_the_flag_accepts_builds(channels):
+    """--channels takes any multiples of 4; GroupNorm must find a group count for each."""
+    model = VAE(16, 2, channels)
+    assert model(torch.rand(1, 3, 16, 16))[0].shape == (1, 3, 16, 16)

@@ -60,8 +60,10 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_epochs(tmp_path, image_folder
     assert 2 <= stopped < 60
     assert not (tmp_path / "m.pth").exists()
 
-    result = run_script("train_vae.py", "--resume", "--results-dir", results)
+    # Flags that would change the run are named and ignored, never silently dropped.
+    result = run_script("train_vae.py", "--resume", "--results-dir", results, "--epochs", 5, "--lr", 0.5)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "ignoring --epochs, --lr" in result.stdout
     assert f"resuming after epoch {stopped} of 60" in result.stdout
     assert [row["epoch"] for row in read_metrics(results)] == list(range(1, 61))
     assert load_vae(tmp_path / "m.pth").image_size == 32

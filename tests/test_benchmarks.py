@@ -1,0 +1,41 @@
+"""The benchmarks run end to end on a tiny budget, so the README's tables can be re-made."""
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def test_bench_train_prints_one_row_per_recipe(image_folder):
+    recipes = ["seed", "project", "project:norm=batch,up=transpose,res=off"]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"),
+                             "--data", image_folder, "--image-size", "32", "--minutes", "0.05",
+                             "--recipes", *recipes], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "recipe" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == recipes
+    for row in rows:  # every cell after the name and the precision is a finite number
+        cells = [cell.strip().rstrip("%") for cell in row.split("|")[3:-1]]
+        assert all(float(cell) == float(cell) for cell in cells), row
+
+
+def test_ablation_undoes_each_design_choice():
+    import torch.nn as nn
+    from bench_train import ablate
+    from vae_model import VAE, ResBlock
+
+    def count(model, kind):
+        return sum(isinstance(m, kind) for m in model.modules())
+
+    plain = VAE(32, 4, (8, 16, 16))
+    assert count(plain, nn.GroupNorm) > 0 and count(plain, ResBlock) > 0 and count(plain, nn.Upsample) == 2
+    model = ablate(VAE(32, 4, (8, 16, 16)), {"norm": "batch", "up": "transpose", "res": "off"})
+    assert count(model, nn.GroupNorm) == 0 and count(model, nn.BatchNorm2d) > 0
+    assert count(model, ResBlock) == 0
+    assert count(model, nn.Upsample) == 0 and count(model, nn.ConvTranspose2d) == 2
+    recon, mu, _ = model(torch.rand(2, 3, 32, 32))
+    assert recon.shape == (2, 3, 32, 32) and mu.shape == (2, 4, 4, 4)
