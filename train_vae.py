@@ -27,10 +27,11 @@ DATASET = "svjack/pokemon-blip-captions-en-zh"  # Hub data set name, or a local 
 IMAGE_SIZE = 512          # px, side of the square training image (with a GPU)
 EPOCHS = 200              # passes over the training images (with a GPU)
 CPU_IMAGE_SIZE = 128      # px, used instead of IMAGE_SIZE when there is no GPU
-CPU_EPOCHS = 100          # used instead of EPOCHS when there is no GPU (about 50 min)
-BATCH_SIZE = 4            # images per optimizer step
+CPU_EPOCHS = 80           # used instead of EPOCHS when there is no GPU
+BATCH_SIZE = 8            # images per optimizer step (with a GPU)
+CPU_BATCH_SIZE = 2        # used instead of BATCH_SIZE when there is no GPU: more, smaller steps
 LEARNING_RATE = 2e-3      # peak learning rate of the one-cycle schedule
-WARMUP = 0.1              # share of the steps in which the learning rate climbs to its peak
+WARMUP = 0.3              # share of the steps in which the learning rate climbs to its peak
 KL_WEIGHT = 0.1           # weight of the KL term against the summed reconstruction error
 LATENT_CHANNELS = 8       # channels of the latent; it is H/8 x W/8 in space
 CHANNELS = [32, 64, 128]  # widths at 1/2, 1/4 and 1/8 of the image size (the decoder mirrors them)
@@ -45,6 +46,7 @@ RESULTS_DIR = "vae_results"    # grids, metrics.jsonl, loss curve, resumable che
 # -----------------------------------------------------------------------------------------------
 
 GRID_IMAGES = 8           # validation images shown in each reconstruction grid
+EVAL_BATCH_SIZE = 32      # validation images per forward pass (no gradients: larger is fine)
 WHITE = (255, 255, 255)
 
 
@@ -271,8 +273,9 @@ def pick_device(name):
 
 def bf16_is_fast(device):
     """Where bfloat16 autocast pays off: a GPU with bf16 support, or a CPU with AMX matrix
-    tiles (Intel Xeon since Sapphire Rapids), where it measured 1.9x the fp32 training step.
-    Other CPUs have no bf16 matrix unit, so "auto" leaves autocast off there."""
+    tiles (Intel Xeon since Sapphire Rapids), where it measured 1.9x the fp32 training step of
+    an earlier version of this model. Other CPUs have no bf16 matrix unit and emulate it: on
+    a 2-core AMD EPYC a step took 10x longer. So "auto" leaves autocast off there."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private helper: guard it
@@ -302,11 +305,13 @@ def settings(args, device, checkpoint_path):
     cpu = device.type != "cuda"
     args.image_size = args.image_size or (CPU_IMAGE_SIZE if cpu else IMAGE_SIZE)
     args.epochs = args.epochs or (CPU_EPOCHS if cpu else EPOCHS)
+    args.batch_size = args.batch_size or (CPU_BATCH_SIZE if cpu else BATCH_SIZE)
     args.use_amp = args.amp == "on" or (args.amp == "auto" and bf16_is_fast(device))
     print(f"device {device}: {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}"
           + (", bfloat16 autocast" if args.use_amp else "") + (", torch.compile" if args.compile else "")
-          + (f" (CPU defaults: {CPU_IMAGE_SIZE} px and {CPU_EPOCHS} epochs instead of the GPU's"
-             f" {IMAGE_SIZE} px and {EPOCHS}; change them with --image-size and --epochs)" if cpu else ""))
+          + (f" (CPU defaults: {CPU_IMAGE_SIZE} px, {CPU_EPOCHS} epochs, batch {CPU_BATCH_SIZE} instead of the"
+             f" GPU's {IMAGE_SIZE} px, {EPOCHS} epochs, batch {BATCH_SIZE}; change them with --image-size,"
+             " --epochs and --batch-size)" if cpu else ""))
     return args, resumed
 
 
@@ -393,7 +398,7 @@ def train(args):
                                                  scheduler, shuffle, args, device, epoch)
             seconds = time.perf_counter() - tick
             row = {"epoch": epoch, "train_mse": mse, "train_kl": kl,
-                   **evaluate(model, val_images, device, args.kl_weight, args.batch_size),
+                   **evaluate(model, val_images, device, args.kl_weight, EVAL_BATCH_SIZE),
                    "images_per_s": len(train_images) / seconds, "data_wait_fraction": data_time / seconds,
                    "elapsed_s": time.perf_counter() - started}
             metrics.append(row)
@@ -461,7 +466,8 @@ def parse_args(argv=None):
                    help=f"default {EPOCHS} with a GPU, {CPU_EPOCHS} without")
     p.add_argument("--image-size", type=image_size, default=None,
                    help=f"px, multiple of 8; default {IMAGE_SIZE} with a GPU, {CPU_IMAGE_SIZE} without")
-    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE)
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"default {BATCH_SIZE} with a GPU, {CPU_BATCH_SIZE} without")
     p.add_argument("--lr", type=positive_float, default=LEARNING_RATE)
     p.add_argument("--kl-weight", type=non_negative, default=KL_WEIGHT)
     p.add_argument("--latent-channels", type=positive_int, default=LATENT_CHANNELS)

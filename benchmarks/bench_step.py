@@ -1,7 +1,7 @@
 """
 Speed of one training step and of the augmentation, for the choices train_vae.py makes.
 
-    python benchmarks/bench_step.py --image-size 128 --batch-size 4
+    python benchmarks/bench_step.py --image-size 128 --batch-size 2
 
 Prints a Markdown table: images/s and achieved GFLOP/s (counted by FlopCounterMode) of a
 full training step (forward, loss, backward, AdamW) for each model variant, and the cost of
@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_vae import BATCH_SIZE, LATENT_CHANNELS, make_augment  # noqa: E402
+from train_vae import CPU_BATCH_SIZE, LATENT_CHANNELS, make_augment  # noqa: E402
 from vae_model import VAE, vae_loss  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def augment_cost(size, transform, repeats=20):
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     print(f"{args.image_size} px, batch {args.batch_size}, torch {torch.__version__}, "

@@ -155,7 +155,7 @@ def recipe(spec, size):
     augment = train_vae.make_augment(float(o.get("rotation", train_vae.ROTATION)))
     def loss_fn(recon, x, mu, log_var):
         return vae_loss(recon.float(), x, mu.float(), log_var.float(), train_vae.KL_WEIGHT)[0]
-    return (model, int(o.get("batch", train_vae.BATCH_SIZE)), float(o.get("lr", train_vae.LEARNING_RATE)),
+    return (model, int(o.get("batch", train_vae.CPU_BATCH_SIZE)), float(o.get("lr", train_vae.LEARNING_RATE)),
             train_vae.WARMUP, batches_project, loss_fn, amp, augment)
 
 
