@@ -162,14 +162,14 @@ def make_augment(rotation=ROTATION):
     """Random flip, rotation and colour jitter for a whole uint8 batch (B, 3, H, W)."""
     from torchvision.transforms import v2
     # A v2 transform called on a batch draws one flip, one angle and one colour shift for
-    # all of its images: 2.2x cheaper than one call per image (0.33 against 0.74 ms per
-    # image at 128 px), and as the batches are reshuffled every epoch, each image still
-    # meets a new flip, angle and colour shift every time it is seen.
+    # all of its images: cheaper than one call per image (1.2 against 2.1 ms per image at
+    # 128 px and batch 2 on a 2-core CPU), and as the batches are reshuffled every epoch,
+    # each image still meets a new flip, angle and colour shift every time it is seen.
     return v2.Compose([
         v2.RandomHorizontalFlip(),
         v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=255),  # white corners
-        # Light colour jitter without a hue shift: at 128 px the hue shift alone costs 1.7 ms
-        # per image on a CPU, more than twice the other three (benchmarks/bench_step.py).
+        # Light colour jitter without a hue shift: at 128 px the jitter costs 2.7 ms per image
+        # on a 2-core CPU with a hue shift and 0.6 ms without (benchmarks/bench_step.py).
         v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),
     ])
 
@@ -275,7 +275,7 @@ def bf16_is_fast(device):
     """Where bfloat16 autocast pays off: a GPU with bf16 support, or a CPU with AMX matrix
     tiles (Intel Xeon since Sapphire Rapids), where it measured 1.9x the fp32 training step of
     an earlier version of this model. Other CPUs have no bf16 matrix unit and emulate it: on
-    a 2-core AMD EPYC a step took 10x longer. So "auto" leaves autocast off there."""
+    a 2-core AMD EPYC a step took 7 to 10 times longer. So "auto" leaves autocast off there."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private helper: guard it
@@ -327,6 +327,10 @@ def train_one_epoch(model, images, augment, optimizer, scheduler, shuffle, args,
     for step in bar:
         tick = time.perf_counter()
         batch = images[order[step * args.batch_size:(step + 1) * args.batch_size]]
+        if device.type == "cuda":
+            # Indexing made a new, pageable tensor; page-locked (pinned) memory lets the copy
+            # below run in the background instead of holding the CPU until it is done.
+            batch = batch.pin_memory()
         x = to_model_range(augment(batch.to(device, non_blocking=True)))
         x = x.contiguous(memory_format=torch.channels_last)
         data_time += time.perf_counter() - tick
@@ -362,8 +366,7 @@ def train(args):
     print(f"{len(train_images)} training and {len(val_images)} validation images from {args.data}")
     augment = make_augment(args.rotation)
     grid_images, val_images = val_images[:GRID_IMAGES].to(device), val_images.to(device)
-    if device.type == "cuda":  # pinned memory lets the host-to-GPU copy overlap compute
-        train_images = train_images.pin_memory()
+    if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls autocast leaves
 
     model = VAE(args.image_size, args.latent_channels, args.channels).to(device)

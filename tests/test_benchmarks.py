@@ -1,4 +1,5 @@
 """The benchmarks run end to end on a tiny budget, so the README's tables can be re-made."""
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +21,8 @@ def test_bench_train_prints_one_row_per_recipe(image_folder):
     assert [row.split("|")[1].strip() for row in rows] == recipes
     for row in rows:  # every cell after the name and the precision is a finite number
         cells = [cell.strip().rstrip("%") for cell in row.split("|")[3:-1]]
-        assert all(float(cell) == float(cell) for cell in cells), row
+        cells = [cell for cell in cells if cell != "n/a"]  # bf16 share, where bf16 is emulated
+        assert len(cells) >= 9 and all(math.isfinite(float(cell)) for cell in cells), row
 
 
 def test_ablation_undoes_each_design_choice():

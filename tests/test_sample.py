@@ -54,7 +54,7 @@ def test_data_prior_samples_follow_the_fitted_gaussian(trained):
     model = load_vae(trained["model"])
     images = torch.rand(10, 3, 32, 32) * 2 - 1
     mean, std = sample_vae.fit_data_prior(model, images)
-    assert mean.shape == std.shape == (4, 4, 4)
+    assert mean.shape == std.shape == (model.config["latent_channels"], 4, 4)
     z = sample_vae.draw_latents(20000, mean, std, seed=0)
     assert torch.allclose(z.mean(0), mean, atol=0.05 * std.max().item() + 1e-3)
     assert torch.allclose(z.std(0), std, rtol=0.05)
