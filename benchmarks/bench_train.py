@@ -11,8 +11,8 @@ Markdown table.
 
 The ablation in the README runs variants of the project's recipe the same way, e.g.
 
-    python benchmarks/bench_train.py --data ../shared/pokemon --minutes 4 \
-        --recipes project project:amp=off project:batch=16 project:latent=4
+    python benchmarks/bench_train.py --data ../shared/pokemon --minutes 3 \
+        --recipes project project:norm=batch project:up=transpose project:res=off
 """
 import argparse
 import json
@@ -118,7 +118,7 @@ def ablate(model, options):
     """The project's model with one of its design choices undone, for the README's ablation:
     norm=batch (BatchNorm2d for every GroupNorm), up=transpose (a stride-2 ConvTranspose2d for
     every nearest-upsample + conv), res=off (every residual block removed)."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         if not isinstance(module, nn.Sequential):
             continue
         for i, layer in enumerate(module):

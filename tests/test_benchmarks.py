@@ -1,4 +1,5 @@
-"""The benchmarks run end to end on a tiny budget, so the README's tables can be re-made."""
+"""The time-to-quality benchmark runs end to end on a tiny budget, so the README's tables
+can be re-made, and its ablation switches change what they say."""
 import math
 import os
 import subprocess

@@ -113,6 +113,8 @@ def test_amp_auto_follows_the_hardware_check(tmp_path, image_folder):
     assert result.returncode == 0, result.stderr[-2000:]
     fast = train_vae.bf16_is_fast(torch.device("cpu"))
     assert ("bfloat16 autocast" in result.stdout.splitlines()[0]) == fast
+    # Without a GPU and without --batch-size, the CPU's batch size is the one used.
+    assert f"batch {train_vae.CPU_BATCH_SIZE}" in result.stdout.splitlines()[0].split("(")[0]
 
 
 def test_augmentation_flips_rotates_and_keeps_uint8():
