@@ -376,7 +376,7 @@ def train(args):
                         generator=torch.Generator().manual_seed(args.seed)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, pct_start=WARMUP,
+        optimizer, max_lr=args.lr, pct_start=args.warmup,
         total_steps=args.epochs * math.ceil(len(train_images) / args.batch_size))
     shuffle = torch.Generator().manual_seed(args.seed)
     saved_epoch, metrics = 0, []
@@ -472,6 +472,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"default {BATCH_SIZE} with a GPU, {CPU_BATCH_SIZE} without")
     p.add_argument("--lr", type=positive_float, default=LEARNING_RATE)
+    p.add_argument("--warmup", type=fraction, default=WARMUP,
+                   help="share of the steps in which the learning rate climbs to its peak")
     p.add_argument("--kl-weight", type=non_negative, default=KL_WEIGHT)
     p.add_argument("--latent-channels", type=positive_int, default=LATENT_CHANNELS)
     p.add_argument("--channels", type=channel_list, default=CHANNELS, help="e.g. 32,64,128")
