@@ -9,6 +9,10 @@ train/validation split. Both are evaluated on the same validation tensors, prepa
 way (a plain, aspect-distorting resize: less white border, the harder test). Prints a
 Markdown table.
 
+A model trained by train_vae.py is scored on the same validation tensors with
+
+    python benchmarks/bench_train.py --data ../shared/pokemon --evaluate vae_model.pth
+
 The ablation in the README runs variants of the project's recipe the same way, e.g.
 
     python benchmarks/bench_train.py --data ../shared/pokemon --minutes 3 \
@@ -30,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_vae  # noqa: E402
-from vae_model import VAE, ResBlock, psnr, vae_loss  # noqa: E402
+from vae_model import VAE, CheckpointError, ResBlock, load_vae, psnr, vae_loss  # noqa: E402
 
 KL_WEIGHT = 0.1   # the seed's objective: summed MSE + 0.1 x KL
 
@@ -170,11 +174,16 @@ def evaluate(model, val):
     return {"val_psnr": psnr(recon, val), "val_kl": kl, "val_objective": mse + KL_WEIGHT * kl}
 
 
+def validation_tensors(data, size):
+    """The held-out images of file_split, stretched to size x size the seed's way, in [-1, 1]."""
+    transform = seed_transforms(size, False)
+    return torch.stack([transform(train_vae.open_rgb(p)) for p in file_split(data)[1]])
+
+
 def run_recipe(name, data, size, minutes, seed):
     torch.manual_seed(seed)
-    train_paths, val_paths = file_split(data)
-    val_transform = seed_transforms(size, False)
-    val = torch.stack([val_transform(train_vae.open_rgb(p)) for p in val_paths])
+    train_paths, _ = file_split(data)
+    val = validation_tensors(data, size)
     model, batch_size, lr, warmup, batches, loss_fn, amp, augment = recipe(name, size)
     source = batches(train_paths, size, batch_size, augment)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -241,8 +250,22 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipes", nargs="+", default=["seed", "project"],
                    help='"seed", "project", or an ablation such as "project:lr=2e-3,amp=off"')
+    p.add_argument("--evaluate", metavar="MODEL",
+                   help="instead of training, score a model saved by train_vae.py on the same validation images")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one recipe, print JSON
     args = p.parse_args()
+    if args.evaluate:
+        try:
+            model = load_vae(args.evaluate)
+        except (FileNotFoundError, CheckpointError) as error:
+            print(f"error: cannot score {args.evaluate} ({error}); give a model saved by train_vae.py",
+                  file=sys.stderr)
+            sys.exit(2)
+        r = evaluate(model, validation_tensors(args.data, model.image_size))
+        print(f"{args.evaluate} ({model.image_size} px) on the benchmark's validation images: "
+              f"val PSNR {r['val_psnr']:.2f} dB, val KL / image {r['val_kl']:.0f} nats, "
+              f"val objective / image {r['val_objective']:.0f}")
+        return
     if args.one:
         print(json.dumps(run_recipe(args.one, args.data, args.image_size, args.minutes, args.seed)))
         return

@@ -1,13 +1,14 @@
 """The time-to-quality benchmark runs end to end on a tiny budget, so the README's tables
 can be re-made, and its ablation switches change what they say."""
 import math
+import re
 import os
 import subprocess
 import sys
 
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, assert_user_error
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -24,6 +25,25 @@ def test_bench_train_prints_one_row_per_recipe(image_folder):
         cells = [cell.strip().rstrip("%") for cell in row.split("|")[3:-1]]
         cells = [cell for cell in cells if cell != "n/a"]  # bf16 share, where bf16 is emulated
         assert len(cells) >= 9 and all(math.isfinite(float(cell)) for cell in cells), row
+
+
+def test_bench_train_evaluates_a_trained_model(image_folder, trained):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"),
+                             "--data", image_folder, "--evaluate", trained["model"]],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = re.search(r"val PSNR ([\d.]+) dB, val KL / image ([\d.]+) nats, val objective / image ([\d.]+)",
+                      result.stdout)
+    assert found, result.stdout
+    psnr, kl, objective = map(float, found.groups())
+    assert 5 < psnr < 60 and kl > 0 and objective > 0.1 * kl, result.stdout
+
+
+def test_bench_train_evaluate_names_a_missing_model(image_folder, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"),
+                             "--data", image_folder, "--evaluate", tmp_path / "none.pth"],
+                            capture_output=True, text=True, timeout=300)
+    assert_user_error(result, "none.pth", "train_vae.py")
 
 
 def test_ablation_undoes_each_design_choice():
