@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -394,6 +395,14 @@ def train(args):
           f"latent {args.latent_channels} x {args.image_size // 8} x {args.image_size // 8}")
 
     started = time.perf_counter() - (metrics[-1]["elapsed_s"] if metrics else 0.0)
+    # Ctrl-C raises KeyboardInterrupt wherever the code happens to be, and cleanup code
+    # (a __del__ of a progress bar, say) prints and swallows it; so remember it, and stop
+    # at the end of the epoch if it was swallowed.
+    interrupted = []
+    def on_ctrl_c(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         for epoch in range(saved_epoch + 1, args.epochs + 1):
             tick = time.perf_counter()
@@ -417,6 +426,8 @@ def train(args):
                          "shuffle_state": shuffle.get_state(), "rng_state": torch.get_rng_state(),
                          "args": vars(args)}, checkpoint_path)
             saved_epoch = epoch
+            if interrupted:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         resume = "python train_vae.py --resume" + (
             f" --results-dir {args.results_dir}" if args.results_dir != RESULTS_DIR else "")
