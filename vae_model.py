@@ -141,8 +141,9 @@ class VAE(nn.Module):
 # Loss: reconstruction + kl_weight * KL(q(z|x) || N(0, I))
 # ---------------------------------------------------------------------------------------
 
-def vae_loss(recon, x, mu, log_var, kl_weight=0.1):
+def vae_loss(recon, x, mu, log_var, kl_weight=1.0):
     """Returns (total, reconstruction, kl), each a scalar per image (averaged over the batch).
+    kl_weight=1 is the plain negative evidence lower bound; train_vae.py passes its KL_WEIGHT.
 
     Reduction: both terms are SUMMED over every pixel and every latent element of an image,
     then AVERAGED over the batch. Summing keeps the two terms on the scale of the evidence
