@@ -2,7 +2,8 @@
 Use a trained VAE: reconstruct an image, generate new ones, walk and map the latent space.
 
     python sample_vae.py                                  # reconstruct pokemon_sample_test.png
-    python sample_vae.py --generate 16                    # 16 new images from z ~ N(0, I)
+    python sample_vae.py --generate 16                    # 16 new images from the learned prior
+    python sample_vae.py --generate 16 --prior normal     # ... from z ~ N(0, I), for comparison
     python sample_vae.py --generate 16 --prior data --data path/to/images
     python sample_vae.py --interpolate a.png b.png        # a walk from a to b (PNG strip + GIF)
     python sample_vae.py --latent-map path/to/images      # every image placed by its latent (PCA)
@@ -18,7 +19,7 @@ import sys
 
 import torch
 
-from vae_model import CheckpointError, load_vae, psnr, vae_loss
+from vae_model import CheckpointError, load_prior, load_vae, psnr, sample_prior, vae_loss
 from train_vae import (UserError, load_images, open_rgb, pick_device, positive_int, save_png, to_model_range,
                        to_square)
 
@@ -30,13 +31,14 @@ GENERATED_PATH = "vae_results/generated.png"      # grid of --generate
 INTERPOLATION_PATH = "vae_results/interpolation.png"  # strip of --interpolate (GIF beside it)
 LATENT_MAP_PATH = "vae_results/latent_map.png"    # figure of --latent-map
 STEPS = 10                                        # points on the line of --interpolate
+SAMPLE_STEPS = 50                                 # denoising steps of the learned prior
 SEED = 0                                          # seeds the latents drawn by --generate
 # -----------------------------------------------------------------------------------------------
 
 
-def load_model(path, device):
+def load_model(path, device, loader=load_vae):
     try:
-        return load_vae(path, map_location=device)
+        return loader(path, map_location=device)
     except FileNotFoundError:
         raise UserError(f"there is no trained model at {path}; run `python train_vae.py` first "
                         "or pass --model with the path of one") from None
@@ -148,18 +150,38 @@ def draw_latents(n, mean, std, seed):
     return mean + std * eps
 
 
+def pick_prior(args, device):
+    """The learned prior stored with the model, or None where the user asked for another
+    prior or the checkpoint has none (it then falls back to N(0, I), with a note)."""
+    if args.prior not in (None, "learned"):
+        return args.prior, None
+    prior = load_model(args.model, device, loader=load_prior)
+    if prior is not None:
+        return "learned", prior
+    if args.prior == "learned":
+        raise UserError(f"{args.model} holds no learned prior; train one with `python train_vae.py` "
+                        "(its stage two) or pass --prior normal or --prior data")
+    print(f"note: {args.model} holds no learned prior (trained with --prior-steps 0 or by an older "
+          "version); sampling from N(0, I) instead")
+    return "normal", None
+
+
 @torch.no_grad()
 def generate(model, args, device, show):
     side = model.image_size // 8
     shape = (model.config["latent_channels"], side, side)
-    if args.prior == "data":
+    name, prior = pick_prior(args, device)
+    if name == "data":
         if not args.data:
             raise UserError("--prior data needs --data with a folder of images to fit it to")
         mean, std = fit_data_prior(model, load_folder(args.data, model.image_size).to(device))
     else:
         mean, std = torch.zeros(shape, device=device), torch.ones(shape, device=device)
-    images = model.decode(draw_latents(args.generate, mean, std, args.seed))
-    print(f"{args.generate} samples from the {args.prior} prior")
+    z = draw_latents(args.generate, mean, std, args.seed)
+    if prior is not None:  # the learned prior turns that noise into a latent, step by step
+        z = sample_prior(prior, z, args.sample_steps)
+    images = model.decode(z)
+    print(f"{args.generate} samples from the {name} prior")
     save_grid(images, args.out or GENERATED_PATH, min(8, args.generate), show)
 
 
@@ -236,8 +258,11 @@ def parse_args(argv=None):
     mode.add_argument("--generate", type=positive_int, metavar="N", help="decode N latents from a prior")
     mode.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="walk from image A to image B")
     mode.add_argument("--latent-map", metavar="FOLDER", help="map a folder's images in latent space")
-    p.add_argument("--prior", choices=["normal", "data"], default="normal",
-                   help="--generate from N(0, I), or from a Gaussian fitted to --data's latents")
+    p.add_argument("--prior", choices=["learned", "normal", "data"], default=None,
+                   help="--generate from the learned prior stored with the model (the default), "
+                        "from N(0, I), or from a Gaussian fitted to --data's latents")
+    p.add_argument("--sample-steps", type=positive_int, default=SAMPLE_STEPS,
+                   help="denoising steps of the learned prior")
     p.add_argument("--data", metavar="FOLDER", help="images to fit --prior data to")
     p.add_argument("--steps", type=int, default=STEPS, help="points on the --interpolate line, at least 2")
     p.add_argument("--seed", type=int, default=SEED)

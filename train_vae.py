@@ -21,7 +21,8 @@ import urllib.parse
 import torch
 from PIL import Image, ImageOps
 
-from vae_model import VAE, CheckpointError, load_checkpoint, psnr, save_atomic, vae_checkpoint, vae_loss
+from vae_model import (VAE, CheckpointError, LatentPrior, load_checkpoint, prior_loss, psnr, sample_prior, save_atomic,
+                       vae_checkpoint, vae_loss)
 
 # -----------------------------------------------------------------------------------------------
 DATASET = "svjack/pokemon-blip-captions-en-zh"  # Hub data set name, or a local folder of images
@@ -42,6 +43,11 @@ SEED = 0                  # seeds the split, the shuffling, the augmentation and
 ROTATION = 10.0           # degrees, largest random rotation of a training image
 AMP = "auto"              # bfloat16 autocast: "auto" (on where bf16 is fast), "on" or "off"
 COMPILE = False           # torch.compile the model (faster steps after a minute of compiling)
+PRIOR_STEPS = 6000        # optimizer steps of the learned prior (stage two); 0 skips it
+PRIOR_BATCH_SIZE = 64     # latents per step of the prior
+PRIOR_LR = 1e-3           # learning rate of the prior, decayed to 0 along a cosine
+PRIOR_WIDTH = 64          # channels of the prior's U-Net at the latent's resolution
+PRIOR_COPIES = 8          # augmented copies of each training image encoded for the prior
 MODEL_PATH = "vae_model.pth"   # where the final model (config + weights) is written
 RESULTS_DIR = "vae_results"    # grids, metrics.jsonl, loss curve, resumable checkpoint
 # -----------------------------------------------------------------------------------------------
@@ -294,15 +300,18 @@ def settings(args, device, checkpoint_path):
         except (FileNotFoundError, CheckpointError):
             raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
                             "start a new run without --resume") from None
+        # The VAE's settings are those it started with. The device, and the output path and
+        # prior settings given on this command line (stage two starts afresh), are new.
         defaults = vars(parse_args([]))
+        fresh = {name: value for name, value in vars(args).items() if name in ("device", "resume", "results_dir")
+                 or (name == "out" or name.startswith("prior_")) and value != defaults[name]}
         ignored = [name for name, value in vars(args).items()
-                   if name in resumed["args"] and name not in ("device", "resume", "results_dir")
+                   if name in resumed["args"] and name not in fresh
                    and value != defaults[name] and value != resumed["args"][name]]
         if ignored:
             print("note: a resumed run keeps the settings it started with; ignoring "
                   + ", ".join("--" + name.replace("_", "-") for name in sorted(ignored)))
-        args = argparse.Namespace(**{**vars(args), **resumed["args"], "device": args.device,
-                                     "resume": True})
+        args = argparse.Namespace(**{**vars(args), **resumed["args"], **fresh})
     cpu = device.type != "cuda"
     args.image_size = args.image_size or (CPU_IMAGE_SIZE if cpu else IMAGE_SIZE)
     args.epochs = args.epochs or (CPU_EPOCHS if cpu else EPOCHS)
@@ -355,6 +364,61 @@ def train_one_epoch(model, images, augment, optimizer, scheduler, shuffle, args,
     return mse, kl, data_time
 
 
+# ---------------------------------------------------------------------------------------
+# Stage two: a learned prior over the trained VAE's latent space
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_for_prior(model, images, augment, copies, device, generator):
+    """The latent means of `copies` augmented versions of every training image: the encoder
+    learned to read flipped and rotated Pokémon, so their codes are real codes too, and
+    eight times as many of them keep the prior from learning the training set by heart."""
+    model.eval()
+    mus = []
+    for _ in range(copies):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(images), 8):  # small batches: each gets its own flip and angle
+            x = to_model_range(augment(images[order[start:start + 8]].to(device)))
+            mus.append(model.encode(x.contiguous(memory_format=torch.channels_last))[0].float())
+    model.train()
+    return torch.cat(mus)
+
+
+def train_prior(model, images, augment, args, device):
+    """Fit LatentPrior to the latent means of the training images. Means, not samples
+    z ~ q(z|x): the posterior's noise is about as large as the means' spread, so a prior
+    of samples would spend itself on noise that the decoder ignores anyway.
+    Returns an exponential moving average of the weights, which samples more cleanly than
+    the last step's weights (as in every diffusion model since Ho et al. 2020)."""
+    from tqdm import tqdm
+    generator = torch.Generator().manual_seed(args.seed)
+    mus = encode_for_prior(model, images, augment, args.prior_copies, device, generator)
+    prior = LatentPrior(args.latent_channels, args.prior_width,
+                        mus.mean((0, 2, 3)), mus.std((0, 2, 3))).to(device)
+    ema = torch.optim.swa_utils.AveragedModel(
+        prior, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True)
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.prior_steps)
+    bar = tqdm(range(args.prior_steps), desc="stage two: learned prior", leave=False)
+    total = torch.zeros((), device=device)
+    for step in bar:
+        pick = torch.randint(len(mus), (args.prior_batch_size,), generator=generator).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_amp):
+            loss = prior_loss(prior, mus[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        ema.update_parameters(prior)
+        total += loss.detach()
+        if step % 100 == 99:
+            bar.set_postfix(loss=f"{total.item() / 100:.3f}")
+            total.zero_()
+    if not math.isfinite(loss.item()):
+        raise UserError(f"the prior's loss became {loss.item()}; lower --prior-lr (now {args.prior_lr})")
+    return ema.module.eval()
+
+
 def train(args):
     device = pick_device(args.device)
     checkpoint_path = os.path.join(args.results_dir, "checkpoint.pth")
@@ -403,6 +467,7 @@ def train(args):
         interrupted.append(signum)
         raise KeyboardInterrupt
     signal.signal(signal.SIGINT, on_ctrl_c)
+    vae_done = False
     try:
         for epoch in range(saved_epoch + 1, args.epochs + 1):
             tick = time.perf_counter()
@@ -428,20 +493,38 @@ def train(args):
             saved_epoch = epoch
             if interrupted:
                 raise KeyboardInterrupt
+        plot_loss_curve(metrics, args.results_dir)
+        # The VAE is saved before stage two, so an interrupted prior never costs the VAE.
+        save_atomic(vae_checkpoint(model), args.out)
+        vae_done = True
+        last = metrics[-1]
+        print(f"VAE done in {last['elapsed_s'] / 60:.1f} min: val PSNR {last['val_psnr']:.2f} dB, "
+              f"val KL {last['val_kl']:.0f} nats per image; saved to {args.out}")
+        if args.prior_steps:
+            tick = time.perf_counter()
+            prior = train_prior(model, train_images, augment, args, device)
+            checkpoint = vae_checkpoint(model, prior)
+            checkpoint["prior"]["seconds"] = time.perf_counter() - tick  # for benchmarks/bench_samples.py
+            save_atomic(checkpoint, args.out)
+            with torch.no_grad():
+                samples = model.decode(sample_prior(prior, noise))
+            save_png(samples.float(), os.path.join(args.results_dir, "samples_learned_prior.png"),
+                     nrow=8, normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
+            print(f"learned prior done in {(time.perf_counter() - tick) / 60:.1f} min; saved with the VAE "
+                  f"to {args.out}")
     except KeyboardInterrupt:
         resume = "python train_vae.py --resume" + (
             f" --results-dir {args.results_dir}" if args.results_dir != RESULTS_DIR else "")
-        print(f"\ninterrupted after epoch {saved_epoch}; " + (
-            f"epochs 1-{saved_epoch} are saved in {checkpoint_path}: continue with `{resume}`"
-            if saved_epoch else "no epoch had finished, so nothing was saved"), file=sys.stderr)
+        if vae_done:
+            message = (f"the trained VAE is saved in {args.out} and usable; to train its prior, "
+                       f"run `{resume}`")
+        elif saved_epoch:
+            message = f"epochs 1-{saved_epoch} are saved in {checkpoint_path}: continue with `{resume}`"
+        else:
+            message = "no epoch had finished, so nothing was saved"
+        print(f"\ninterrupted after epoch {saved_epoch}; {message}", file=sys.stderr)
         sys.exit(130)
-
-    plot_loss_curve(metrics, args.results_dir)
-    save_atomic(vae_checkpoint(model), args.out)
-    last = metrics[-1]
-    print(f"done in {last['elapsed_s'] / 60:.1f} min: val PSNR {last['val_psnr']:.2f} dB, "
-          f"val KL {last['val_kl']:.0f} nats per image; model saved to {args.out}, "
-          f"pictures and metrics in {args.results_dir}/")
+    print(f"pictures and metrics in {args.results_dir}/")
 
 
 # ---------------------------------------------------------------------------------------
@@ -462,6 +545,8 @@ def checked(kind, ok, rule):
 
 
 positive_int = checked(int, lambda v: v > 0, "a positive whole number")
+non_negative_int = checked(int, lambda v: v >= 0, "zero or a positive whole number")
+channel_width = checked(int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, like 64")
 positive_float = checked(float, lambda v: v > 0, "a positive number")
 image_size = checked(int, lambda v: v > 0 and v % 8 == 0,
                      "a positive multiple of 8 (the encoder halves the image three times)")
@@ -497,6 +582,14 @@ def parse_args(argv=None):
                    help="bfloat16 autocast; auto turns it on where bf16 is fast (bf16 GPUs, AMX CPUs)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
                    help="torch.compile the model")
+    p.add_argument("--prior-steps", type=non_negative_int, default=PRIOR_STEPS,
+                   help="optimizer steps of the learned prior trained after the VAE; 0 skips it")
+    p.add_argument("--prior-batch-size", type=positive_int, default=PRIOR_BATCH_SIZE)
+    p.add_argument("--prior-lr", type=positive_float, default=PRIOR_LR)
+    p.add_argument("--prior-width", type=channel_width, default=PRIOR_WIDTH,
+                   help="channels of the prior's U-Net, a multiple of 8")
+    p.add_argument("--prior-copies", type=positive_int, default=PRIOR_COPIES,
+                   help="augmented copies of each training image encoded for the prior")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", default=MODEL_PATH, help="where to save the final model")

@@ -171,6 +171,133 @@ def psnr(recon, x):
 
 
 # ---------------------------------------------------------------------------------------
+# Stage two: a learned prior over the latent, a small denoising diffusion model
+# ---------------------------------------------------------------------------------------
+# N(0, I) is the prior the KL term pulls toward, but with a weak KL weight the encoder's
+# codes fill only a thin, structured part of that space: decoding plain noise paints
+# independent colour patches. So, as Stable Diffusion does on top of its VAE, a second model
+# learns where the codes really are: it is trained to remove noise from noised latents,
+# and sampling starts from pure noise and removes it step by step (Ho et al. 2020, "Denoising
+# Diffusion Probabilistic Models"; deterministic steps as in Song et al. 2021, "DDIM").
+
+class DenoiserBlock(nn.Module):
+    """A residual block that also hears the noise level: a learned shift per channel."""
+
+    def __init__(self, in_channels, out_channels, time_dim):
+        super().__init__()
+        self.conv1 = nn.Sequential(norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.time = nn.Linear(time_dim, out_channels)
+        self.conv2 = nn.Sequential(norm(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x, t_embedding):
+        h = self.conv1(x) + self.time(t_embedding)[:, :, None, None]
+        return self.skip(x) + self.conv2(h)
+
+
+class Attention(nn.Module):
+    """Self-attention over the positions of a feature map: every position sees the whole
+    figure at once, which is what keeps a sample to one creature with one colour scheme
+    instead of patches that disagree."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = norm(channels)
+        self.attention = nn.MultiheadAttention(channels, num_heads=4, batch_first=True)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, h * w, C)
+        mixed = self.attention(tokens, tokens, tokens, need_weights=False)[0]
+        return x + mixed.transpose(1, 2).reshape(b, c, h, w)
+
+
+class LatentPrior(nn.Module):
+    """A small U-Net over the latent image (three levels: h, h/2, h/4) that predicts
+    v = alpha * noise - sigma * z0 from a noised latent z_t = alpha * z0 + sigma * noise.
+    Predicting v rather than the noise stays well-posed at both ends of the schedule
+    (Salimans and Ho 2022)."""
+
+    def __init__(self, latent_channels=8, width=64, latent_mean=None, latent_std=None):
+        super().__init__()
+        self.config = dict(latent_channels=latent_channels, width=width)
+        # The codes are standardised per channel, so that noise of std 1 drowns them fully.
+        shape = (1, latent_channels, 1, 1)
+        self.register_buffer("latent_mean", torch.zeros(shape) if latent_mean is None else latent_mean.view(shape))
+        self.register_buffer("latent_std", torch.ones(shape) if latent_std is None else latent_std.view(shape))
+        w, t = width, 4 * width
+        self.time = nn.Sequential(nn.Linear(w, t), nn.SiLU(), nn.Linear(t, t))
+        self.inp = nn.Conv2d(latent_channels, w, 3, padding=1)
+        widths = [w, 2 * w, 2 * w]  # at h, h/2 and h/4
+        self.down = nn.ModuleList([DenoiserBlock(w if i == 0 else widths[i - 1], c, t) for i, c in enumerate(widths)])
+        self.down_attention = nn.ModuleList([nn.Identity(), Attention(widths[1]), Attention(widths[2])])
+        self.downsample = nn.ModuleList([nn.Conv2d(c, c, 3, stride=2, padding=1) for c in widths[:2]])
+        self.middle = DenoiserBlock(widths[2], widths[2], t)
+        # Up the same levels, each block fed the down path's features of its size (the skips).
+        self.up = nn.ModuleList([DenoiserBlock(2 * c, c if i == 0 else widths[i - 1], t)
+                                 for i, c in enumerate(widths)])
+        self.up_attention = nn.ModuleList([nn.Identity(), Attention(widths[0]), Attention(widths[1])])
+        self.out = nn.Sequential(norm(w), nn.SiLU(), nn.Conv2d(w, latent_channels, 3, padding=1))
+
+    def embed_time(self, t):
+        # Sinusoids of many frequencies, as for the positions of a transformer.
+        half = self.config["width"] // 2
+        frequencies = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device) / half)
+        angles = 1000.0 * t[:, None] * frequencies[None]
+        return self.time(torch.cat([angles.sin(), angles.cos()], dim=1))
+
+    def forward(self, z_t, t):
+        e = self.embed_time(t)
+        h, skips = self.inp(z_t), []
+        for level, (block, attention) in enumerate(zip(self.down, self.down_attention)):
+            if level > 0:
+                h = self.downsample[level - 1](h)
+            h = attention(block(h, e))
+            skips.append(h)
+        h = self.middle(h, e)
+        for level in reversed(range(len(self.up))):
+            skip = skips[level]
+            # Back to the skip's size, not simply 2x: an odd side (40 px images) halves unevenly.
+            h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+            h = self.up_attention[level](self.up[level](torch.cat([h, skip], dim=1), e))
+        return self.out(h)
+
+
+def noise_schedule(t):
+    """Cosine schedule (Nichol and Dhariwal 2021): at time t in [0, 1] a latent is
+    alpha * z0 + sigma * noise with alpha^2 + sigma^2 = 1; t = 0 is clean, t = 1 pure noise."""
+    angle = t * math.pi / 2
+    return torch.cos(angle).view(-1, 1, 1, 1), torch.sin(angle).view(-1, 1, 1, 1)
+
+
+def prior_loss(prior, z0):
+    """Mean squared error of the predicted v at a random noise level per latent. A mean, not
+    a sum: this is a regression loss, with no likelihood to balance it against."""
+    z0 = (z0 - prior.latent_mean) / prior.latent_std
+    t = torch.rand(len(z0), device=z0.device)
+    alpha, sigma = noise_schedule(t)
+    noise = torch.randn_like(z0)
+    v = alpha * noise - sigma * z0
+    return F.mse_loss(prior(alpha * z0 + sigma * noise, t), v)
+
+
+@torch.no_grad()
+def sample_prior(prior, noise, steps=50):
+    """Turn noise (B, latent, h, w) into latents of the first stage in `steps` deterministic
+    DDIM steps: at each step, estimate the clean latent and the noise from v, then re-mix
+    them at the next, lower noise level."""
+    z = noise
+    times = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
+    for t, t_next in zip(times[:-1], times[1:]):
+        alpha, sigma = noise_schedule(t.expand(len(z)))
+        v = prior(z, t.expand(len(z)))
+        z0, eps = alpha * z - sigma * v, sigma * z + alpha * v
+        alpha_next, sigma_next = noise_schedule(t_next.expand(len(z)))
+        z = alpha_next * z0 + sigma_next * eps
+    return z * prior.latent_std + prior.latent_mean
+
+
+# ---------------------------------------------------------------------------------------
 # Checkpoints: the config travels with the weights
 # ---------------------------------------------------------------------------------------
 
@@ -178,10 +305,14 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, foreign or does not fit its own config."""
 
 
-def vae_checkpoint(model):
-    """The part of a checkpoint that rebuilds the model: its constructor config + weights."""
+def vae_checkpoint(model, prior=None):
+    """The part of a checkpoint that rebuilds the model: its constructor config + weights,
+    and the same for the learned prior when there is one."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the real one
-    return {"config": dict(model.config), "model": model.state_dict()}
+    checkpoint = {"config": dict(model.config), "model": model.state_dict()}
+    if prior is not None:
+        checkpoint["prior"] = {"config": dict(prior.config), "model": prior.state_dict()}
+    return checkpoint
 
 
 def save_atomic(obj, path):
@@ -224,3 +355,19 @@ def load_vae(path, map_location="cpu"):
         raise CheckpointError(f"{path} holds weights that do not fit its own config "
                               f"({first_line})") from None
     return model.to(map_location).eval()
+
+
+def load_prior(path, map_location="cpu"):
+    """The learned prior stored next to the VAE in `path`, in eval mode, or None for a
+    checkpoint written without one."""
+    entry = load_checkpoint(path, map_location).get("prior")
+    if entry is None:
+        return None
+    try:
+        prior = LatentPrior(**entry["config"])
+        prior.load_state_dict(entry["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{path} holds a prior that does not fit its own config "
+                              f"({first_line})") from None
+    return prior.to(map_location).eval()

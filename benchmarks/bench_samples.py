@@ -1,0 +1,204 @@
+"""
+Sample-quality benchmark: how close do generated Pokémon come to real ones the model never saw?
+
+    python benchmarks/bench_samples.py --model vae_model.pth --data ../shared/pokemon
+
+The model's own validation images (the same seeded split as train_vae.py) are the unseen
+real images. Every row draws the same number of samples and is compared with them by two
+Fréchet distances (the distance between two Gaussians fitted to two sets of features,
+as in FID), in feature spaces that need no download:
+
+- layout: images shrunk to 32 px, projected on the 16 principal components of the
+  training images. It sees where colour is, not how clean it is.
+- texture: per-channel mean and standard deviation of the activations of a fixed, seeded,
+  untrained conv net at two depths. Outlines and flat colour regions give other statistics
+  than a patchwork or a blur.
+
+The floor row compares real training images with the unseen ones: what "as good as real"
+reads as with this many images. The copy ratio is the mean distance from each sample to
+its nearest training image (32 px pixels) over the same for the unseen images: well below
+1 means the prior copies its training set.
+"""
+import argparse
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import sample_vae  # noqa: E402
+import train_vae  # noqa: E402
+from vae_model import load_prior, load_vae, sample_prior  # noqa: E402
+
+SAMPLES = 256          # samples per row (and real images in the floor row)
+LAYOUT_SIZE = 32       # px, side of the images the layout distance compares
+LAYOUT_COMPONENTS = 16  # principal components of the layout features
+PCA_COMPONENTS = 32    # components of the full-covariance Gaussian prior (the alternative)
+
+
+# ---------------------------------------------------------------------------------------
+# Features and the Fréchet distance
+# ---------------------------------------------------------------------------------------
+
+def frechet_distance(a, b):
+    """|m_a - m_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^1/2) between Gaussians fitted to the rows
+    of a and b. The trace of the matrix square root is the sum of the square roots of the
+    eigenvalues of C_a^1/2 C_b C_a^1/2, which is symmetric, so eigh suffices."""
+    a, b = a.double(), b.double()
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return ((mean_a - mean_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def small(images):
+    """(N, 3, H, W) in [-1, 1] -> (N, 3 * 32 * 32), shrunk with antialiasing."""
+    return F.interpolate(images.float(), size=LAYOUT_SIZE, mode="area").flatten(1)
+
+
+class LayoutFeatures:
+    """Projection on the principal components of the training images at 32 px."""
+
+    def __init__(self, train_images):
+        flat = small(train_images)
+        self.mean = flat.mean(0)
+        torch.manual_seed(0)
+        _, _, v = torch.pca_lowrank(flat, q=min(LAYOUT_COMPONENTS + 8, *flat.shape), center=True, niter=6)
+        self.axes = v[:, :LAYOUT_COMPONENTS]
+
+    def __call__(self, images):
+        return (small(images) - self.mean) @ self.axes
+
+
+class TextureFeatures(nn.Module):
+    """Two random conv layers (seeded, never trained); per-channel mean and std of each
+    layer's activations, scaled by their spread over the training images so that both
+    depths count alike."""
+
+    def __init__(self, train_images):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        for conv in (self.conv1, self.conv2):
+            fan_in = conv.weight[0].numel()
+            conv.weight.data = torch.randn(conv.weight.shape, generator=generator) * (2 / fan_in) ** 0.5
+            conv.bias.data.zero_()
+        self.scale = 1.0
+        self.scale = self(train_images).std(0).clamp_min(1e-6)
+
+    @torch.no_grad()
+    def forward(self, images):
+        rows = []
+        for start in range(0, len(images), 64):
+            h1 = F.relu(self.conv1(images[start:start + 64].float()))
+            h2 = F.relu(self.conv2(h1))
+            rows.append(torch.cat([h.flatten(2).mean(2) for h in (h1, h2)]
+                                  + [h.flatten(2).std(2) for h in (h1, h2)], dim=1))
+        return torch.cat(rows) / self.scale
+
+
+def copy_ratio(samples, unseen, train_images):
+    """Mean distance to the nearest training image, samples over unseen real images."""
+    train = small(train_images)
+    nearest = lambda images: torch.cdist(small(images), train).min(1).values.mean()  # noqa: E731
+    return (nearest(samples) / nearest(unseen)).item()
+
+
+# ---------------------------------------------------------------------------------------
+# The priors: each returns SAMPLES latents; fitting and drawing are timed apart
+# ---------------------------------------------------------------------------------------
+
+def pca_gaussian(model, train_images):
+    """The alternative: a full-covariance Gaussian over the flattened latent means in their
+    first principal components (ex-post density estimation, Ghosh et al. 2020)."""
+    mus = sample_vae.encode_means(model, train_images)
+    flat = mus.flatten(1)
+    mean = flat.mean(0)
+    torch.manual_seed(0)
+    _, _, v = torch.pca_lowrank(flat, q=min(PCA_COMPONENTS + 8, *flat.shape), center=True, niter=6)
+    axes = v[:, :min(PCA_COMPONENTS, len(flat) - 1)]
+    covariance = torch.cov(((flat - mean) @ axes).T).view(axes.shape[1], axes.shape[1])
+    factor = torch.linalg.cholesky(covariance + 1e-6 * torch.eye(axes.shape[1]))
+
+    def draw(n, generator):
+        coords = torch.randn(n, axes.shape[1], generator=generator) @ factor.T
+        return (mean + coords @ axes.T).view(n, *mus.shape[1:])
+    return draw
+
+
+def priors(model, prior, train_images, args):
+    """name -> (fit seconds, draw(n, generator) -> latents)."""
+    shape = (model.config["latent_channels"], model.image_size // 8, model.image_size // 8)
+    normal = lambda n, g: torch.randn((n,) + shape, generator=g)  # noqa: E731
+    rows = {"N(0, I)": (0.0, normal)}
+    tick = time.perf_counter()
+    mean, std = sample_vae.fit_data_prior(model, train_images)
+    rows["diagonal data prior"] = (time.perf_counter() - tick,
+                                   lambda n, g: sample_vae.draw_latents(n, mean, std, g.initial_seed()))
+    tick = time.perf_counter()
+    draw = pca_gaussian(model, train_images)
+    rows["PCA Gaussian"] = (time.perf_counter() - tick, draw)
+    if prior is not None:
+        rows["learned prior (chosen)"] = (
+            prior.seconds, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps))
+    return rows
+
+
+@torch.no_grad()
+def main():
+    p = argparse.ArgumentParser(description="Fréchet distances of samples from each prior.")
+    p.add_argument("--model", default="vae_model.pth")
+    p.add_argument("--data", default="../shared/pokemon", help="the folder the model was trained on")
+    p.add_argument("--val-fraction", type=float, default=train_vae.VAL_FRACTION)
+    p.add_argument("--seed", type=int, default=train_vae.SEED, help="the training run's --seed (its split)")
+    p.add_argument("--samples", type=int, default=SAMPLES)
+    p.add_argument("--sample-steps", type=int, default=sample_vae.SAMPLE_STEPS)
+    p.add_argument("--grids", metavar="FOLDER", help="also save 16 samples of every row here")
+    args = p.parse_args()
+    try:
+        model = sample_vae.load_model(args.model, "cpu")
+        prior = sample_vae.load_model(args.model, "cpu", loader=load_prior)
+        images = sample_vae.load_folder(args.data, model.image_size)
+    except train_vae.UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if prior is not None:
+        prior.seconds = torch.load(args.model, weights_only=True)["prior"].get("seconds", float("nan"))
+    train_images, unseen = train_vae.split(images, args.val_fraction, args.seed)
+    print(f"{len(train_images)} training images, {len(unseen)} unseen; {args.samples} samples per row")
+    layout, texture = LayoutFeatures(train_images), TextureFeatures(train_images)
+    unseen_layout, unseen_texture = layout(unseen), texture(unseen)
+    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(1))[:args.samples]
+
+    def row(name, samples, fit_s, draw_s):
+        return (f"| {name} | {frechet_distance(layout(samples), unseen_layout):.1f} "
+                f"| {frechet_distance(texture(samples), unseen_texture):.1f} "
+                f"| {copy_ratio(samples, unseen, train_images):.2f} | {fit_s} | {draw_s} |")
+
+    print("| samples | layout distance | texture distance | copy ratio | fit s | draw s |")
+    print("|---|---|---|---|---|---|")
+    print(row("real training images (floor)", train_images[pick], "", ""))
+    tick = time.perf_counter()
+    recon = torch.cat([model.decode(mu) for mu in sample_vae.encode_means(model, train_images[pick]).split(64)])
+    print(row("real latents (reconstructions)", recon, "", f"{time.perf_counter() - tick:.1f}"))
+    for name, (fit_s, draw) in priors(model, prior, train_images, args).items():
+        tick = time.perf_counter()
+        z = draw(args.samples, torch.Generator().manual_seed(args.seed))
+        samples = torch.cat([model.decode(part) for part in z.split(64)])
+        print(row(name, samples, f"{fit_s:.1f}", f"{time.perf_counter() - tick:.1f}"))
+        if args.grids:
+            slug = re.sub(r"[^a-z0-9]+", "_", name.split(" (")[0].lower()).strip("_")
+            os.makedirs(args.grids, exist_ok=True)
+            train_vae.save_png(samples[:16], os.path.join(args.grids, f"prior_{slug}.png"), nrow=8,
+                               normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Stage two: the learned prior is trained after the VAE, saved with it, used by --generate,
+and measured by benchmarks/bench_samples.py."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+import sample_vae
+from conftest import HF_HOME, ROOT, assert_user_error, run_script
+from vae_model import LatentPrior, load_prior, load_vae, prior_loss, sample_prior, vae_checkpoint
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def grid_pixels(images, nrow):
+    """What save_png writes for these images, as uint8 pixels."""
+    grid = make_grid(images.add(1).div(2).clamp(0, 1), nrow=nrow, padding=2, pad_value=1)
+    return grid.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("side", [1, 4, 5])
+def test_prior_samples_have_the_first_stage_latent_shape(side):
+    prior = LatentPrior(latent_channels=6, width=16)
+    z = sample_prior(prior, torch.randn(3, 6, side, side), steps=4)
+    assert z.shape == (3, 6, side, side) and torch.isfinite(z).all()
+
+
+def test_prior_sampling_steps_and_maps_back_to_the_latent_scale():
+    """With a net that predicts v = 0, a DDIM step from angle a to angle b estimates
+    z0 = cos(a) z and noise = sin(a) z, so it multiplies z by cos(a) cos(b) + sin(a) sin(b)
+    = cos(b - a); then the standardisation is undone."""
+    mean, std = torch.arange(4.0), torch.tensor([1.0, 2.0, 0.5, 3.0])
+    prior = LatentPrior(4, 16, mean, std)
+    torch.nn.init.zeros_(prior.out[-1].weight)
+    torch.nn.init.zeros_(prior.out[-1].bias)
+    noise = torch.randn(5, 4, 3, 3)
+    z = sample_prior(prior, noise, steps=10)
+    shrink = math.cos(math.pi / 2 / 10) ** 10
+    assert torch.allclose(z, noise * shrink * std.view(1, 4, 1, 1) + mean.view(1, 4, 1, 1), atol=1e-5)
+
+
+def test_a_trained_prior_prefers_its_training_latents():
+    torch.manual_seed(0)
+    latents = torch.randn(4, 4, 4, 4)
+    prior = LatentPrior(4, 32, latents.mean((0, 2, 3)), latents.std((0, 2, 3)))
+    optimizer = torch.optim.Adam(prior.parameters(), lr=2e-3)
+    for _ in range(300):
+        loss = prior_loss(prior, latents.repeat(8, 1, 1, 1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    prior.eval()
+
+    def mean_loss(z):
+        torch.manual_seed(1)  # the same noise levels and noise for both sets
+        with torch.no_grad():
+            return sum(prior_loss(prior, z.repeat(64, 1, 1, 1)).item() for _ in range(5)) / 5
+
+    others = torch.randn(4, 4, 4, 4)
+    assert mean_loss(latents) < 0.7 * mean_loss(others)
+
+
+def test_training_saves_the_prior_with_the_model(trained):
+    prior = load_prior(trained["model"])
+    assert isinstance(prior, LatentPrior) and prior.config == {"latent_channels": 8, "width": 16}
+    checkpoint = torch.load(trained["model"], weights_only=True)
+    assert checkpoint["prior"]["seconds"] > 0
+    # The prior's standardisation comes from the encoder's codes, not the zeros it starts with.
+    assert torch.isfinite(prior.latent_std).all() and (prior.latent_std > 0).all()
+    assert not torch.equal(prior.latent_mean, torch.zeros_like(prior.latent_mean))
+    assert "learned prior done" in trained["stdout"]
+    with Image.open(trained["results"] / "samples_learned_prior.png") as grid:
+        assert grid.size == (8 * 34 + 2, 2 * 34 + 2)
+
+
+def test_generate_uses_the_learned_prior_by_default(trained, tmp_path):
+    out = tmp_path / "gen.png"
+    result = run_script("sample_vae.py", "--model", trained["model"], "--generate", 5, "--seed", 4,
+                        "--sample-steps", 7, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "from the learned prior" in result.stdout
+    model, prior = load_vae(trained["model"]), load_prior(trained["model"])
+    noise = torch.randn(5, 8, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = grid_pixels(model.decode(sample_prior(prior, noise, steps=7)), nrow=5)
+    with Image.open(out) as grid:
+        written = np.asarray(grid.convert("RGB")).astype(int)
+    assert np.abs(written - expected).max() <= 1
+
+
+def test_generate_from_the_normal_prior_decodes_the_seeded_noise(trained, tmp_path):
+    out = tmp_path / "normal.png"
+    result = run_script("sample_vae.py", "--model", trained["model"], "--generate", 3, "--seed", 2,
+                        "--prior", "normal", "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "from the normal prior" in result.stdout
+    model = load_vae(trained["model"])
+    with torch.no_grad():
+        expected = grid_pixels(model.decode(torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(2))), 3)
+    with Image.open(out) as grid:
+        assert np.abs(np.asarray(grid.convert("RGB")).astype(int) - expected).max() <= 1
+
+
+@pytest.fixture
+def model_without_prior(trained, tmp_path):
+    path = tmp_path / "old.pth"
+    torch.save(vae_checkpoint(load_vae(trained["model"])), path)
+    return path
+
+
+def test_checkpoint_without_prior_falls_back_to_normal_with_a_note(model_without_prior, trained, tmp_path):
+    result = run_script("sample_vae.py", "--model", model_without_prior, "--generate", 3, "--seed", 2,
+                        "--out", tmp_path / "a.png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "holds no learned prior" in result.stdout and "N(0, I)" in result.stdout
+    run_script("sample_vae.py", "--model", trained["model"], "--generate", 3, "--seed", 2,
+               "--prior", "normal", "--out", tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_asking_for_a_learned_prior_that_is_not_there(model_without_prior, tmp_path):
+    result = run_script("sample_vae.py", "--model", model_without_prior, "--generate", 3,
+                        "--prior", "learned", "--out", tmp_path / "a.png")
+    assert_user_error(result, "no learned prior", "--prior normal")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_prior_that_does_not_fit_its_config(trained, tmp_path):
+    checkpoint = torch.load(trained["model"], weights_only=True)
+    checkpoint["prior"]["config"]["width"] = 24
+    torch.save(checkpoint, tmp_path / "bad.pth")
+    result = run_script("sample_vae.py", "--model", tmp_path / "bad.pth", "--generate", 2)
+    assert_user_error(result, "prior that does not fit its own config")
+
+
+@pytest.mark.parametrize("flag,value,phrase", [
+    ("--prior-steps", "-1", "zero or a positive"), ("--prior-width", "20", "multiple of 8"),
+    ("--prior-lr", "0", "positive"), ("--prior-copies", "0", "positive"),
+])
+def test_bad_prior_flags(tmp_path, flag, value, phrase):
+    assert_user_error(run_script("train_vae.py", flag, value, "--results-dir", tmp_path / "r"), phrase)
+
+
+def test_prior_steps_zero_skips_stage_two(tmp_path, image_folder):
+    result = run_script("train_vae.py", "--data", image_folder, "--epochs", 1, "--image-size", 32,
+                        "--prior-steps", 0, "--device", "cpu", "--out", tmp_path / "m.pth",
+                        "--results-dir", tmp_path / "r")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_prior(tmp_path / "m.pth") is None and load_vae(tmp_path / "m.pth").image_size == 32
+
+
+def test_ctrl_c_in_stage_two_keeps_the_vae_and_resume_trains_the_prior(tmp_path, image_folder):
+    out, results = tmp_path / "m.pth", tmp_path / "r"
+    args = [sys.executable, os.path.join(ROOT, "train_vae.py"), "--data", image_folder, "--epochs", "1",
+            "--image-size", "32", "--device", "cpu", "--prior-steps", "1000000", "--prior-width", "16",
+            "--out", str(out), "--results-dir", str(results)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": HF_HOME, "MPLBACKEND": "Agg"}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not out.exists() and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside stage two: the VAE is saved before it starts
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "saved in" in stderr and "--resume" in stderr
+    assert load_vae(out).image_size == 32 and load_prior(out) is None  # usable, without a prior
+
+    # --resume after a finished VAE trains only the prior, with the prior flags given now.
+    result = run_script("train_vae.py", "--resume", "--results-dir", results, "--prior-steps", 20,
+                        "--prior-width", 8, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming after epoch 1 of 1" in result.stdout and "ignoring" not in result.stdout
+    assert load_prior(out).config["width"] == 8  # into the run's own --out
+    assert sorted(os.listdir(tmp_path)) == ["m.pth", "r"]
+
+
+# ------------------------------------------------------------------ benchmarks/bench_samples.py
+
+def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
+    import bench_samples
+    a = torch.randn(300, 6, generator=torch.Generator().manual_seed(0))
+    assert abs(bench_samples.frechet_distance(a, a)) < 1e-6
+    shifts = [bench_samples.frechet_distance(a, a + s) for s in (0.5, 1.0, 2.0)]
+    assert shifts[0] == pytest.approx(6 * 0.25, rel=1e-6) and shifts[0] < shifts[1] < shifts[2]
+    # A wider spread counts too: scaling a set by 2 moves its mean m to 2m and gives
+    # tr(C + 4C - 2 (4C^2)^1/2) = tr(C) for the covariances.
+    b = torch.randn(500, 3, generator=torch.Generator().manual_seed(1)).double()
+    expected = b.mean(0).pow(2).sum() + torch.cov(b.T).trace()
+    assert bench_samples.frechet_distance(b, 2 * b) == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
+                             "--model", str(trained["model"]), "--data", image_folder, "--samples", "16",
+                             "--val-fraction", "0.3", "--sample-steps", "3", "--grids", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "distance" not in line]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == ["real training images (floor)", "real latents (reconstructions)", "N(0, I)",
+                     "diagonal data prior", "PCA Gaussian", "learned prior (chosen)"]
+    for row in rows:
+        layout, texture, copy = (float(cell) for cell in row.split("|")[2:5])
+        assert layout > -1e-6 and texture > -1e-6 and copy > 0, row
+    assert len(os.listdir(tmp_path)) == 4
