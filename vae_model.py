@@ -213,10 +213,9 @@ class Attention(nn.Module):
 
 
 class LatentPrior(nn.Module):
-    """A small U-Net over the latent image (three levels: h, h/2, h/4) that predicts
-    v = alpha * noise - sigma * z0 from a noised latent z_t = alpha * z0 + sigma * noise.
-    Predicting v rather than the noise stays well-posed at both ends of the schedule
-    (Salimans and Ho 2022)."""
+    """A two-level U-Net over the latent image that predicts v = alpha * noise - sigma * z0
+    from a noised latent z_t = alpha * z0 + sigma * noise. Predicting v rather than the
+    noise stays well-posed at both ends of the schedule (Salimans and Ho 2022)."""
 
     def __init__(self, latent_channels=8, width=64, latent_mean=None, latent_std=None):
         super().__init__()
@@ -228,15 +227,12 @@ class LatentPrior(nn.Module):
         w, t = width, 4 * width
         self.time = nn.Sequential(nn.Linear(w, t), nn.SiLU(), nn.Linear(t, t))
         self.inp = nn.Conv2d(latent_channels, w, 3, padding=1)
-        widths = [w, 2 * w, 2 * w]  # at h, h/2 and h/4
-        self.down = nn.ModuleList([DenoiserBlock(w if i == 0 else widths[i - 1], c, t) for i, c in enumerate(widths)])
-        self.down_attention = nn.ModuleList([nn.Identity(), Attention(widths[1]), Attention(widths[2])])
-        self.downsample = nn.ModuleList([nn.Conv2d(c, c, 3, stride=2, padding=1) for c in widths[:2]])
-        self.middle = DenoiserBlock(widths[2], widths[2], t)
-        # Up the same levels, each block fed the down path's features of its size (the skips).
-        self.up = nn.ModuleList([DenoiserBlock(2 * c, c if i == 0 else widths[i - 1], t)
-                                 for i, c in enumerate(widths)])
-        self.up_attention = nn.ModuleList([nn.Identity(), Attention(widths[0]), Attention(widths[1])])
+        self.down = nn.ModuleList([DenoiserBlock(w, w, t), DenoiserBlock(w, w, t)])       # h x w
+        self.downsample = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
+        self.middle = nn.ModuleList([DenoiserBlock(2 * w, 2 * w, t), DenoiserBlock(2 * w, 2 * w, t)])  # h/2
+        self.attention = Attention(2 * w)
+        self.upsample = nn.Conv2d(2 * w, w, 3, padding=1)
+        self.up = nn.ModuleList([DenoiserBlock(2 * w, w, t), DenoiserBlock(w, w, t)])     # h x w again
         self.out = nn.Sequential(norm(w), nn.SiLU(), nn.Conv2d(w, latent_channels, 3, padding=1))
 
     def embed_time(self, t):
@@ -248,19 +244,18 @@ class LatentPrior(nn.Module):
 
     def forward(self, z_t, t):
         e = self.embed_time(t)
-        h, skips = self.inp(z_t), []
-        for level, (block, attention) in enumerate(zip(self.down, self.down_attention)):
-            if level > 0:
-                h = self.downsample[level - 1](h)
-            h = attention(block(h, e))
-            skips.append(h)
-        h = self.middle(h, e)
-        for level in reversed(range(len(self.up))):
-            skip = skips[level]
-            # Back to the skip's size, not simply 2x: an odd side (40 px images) halves unevenly.
-            h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
-            h = self.up_attention[level](self.up[level](torch.cat([h, skip], dim=1), e))
-        return self.out(h)
+        h = self.inp(z_t)
+        for block in self.down:
+            h = block(h, e)
+        skip = h
+        h = self.downsample(h)
+        for block in self.middle:
+            h = block(h, e)
+        h = self.attention(h)
+        # Back to the skip's size, not simply 2x: an odd side (40 px images) halves unevenly.
+        h = self.upsample(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
+        h = self.up[0](torch.cat([h, skip], dim=1), e)  # the skip brings back the fine detail
+        return self.out(self.up[1](h, e))
 
 
 def noise_schedule(t):
