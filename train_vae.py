@@ -300,11 +300,12 @@ def settings(args, device, checkpoint_path):
         except (FileNotFoundError, CheckpointError):
             raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
                             "start a new run without --resume") from None
-        # The VAE's settings are those it started with. The device, and the output path and
-        # prior settings given on this command line (stage two starts afresh), are new.
+        # The VAE's settings are those it started with. The device, the prior's settings
+        # (stage two starts afresh) and an --out given now come from this command line.
         defaults = vars(parse_args([]))
-        fresh = {name: value for name, value in vars(args).items() if name in ("device", "resume", "results_dir")
-                 or (name == "out" or name.startswith("prior_")) and value != defaults[name]}
+        fresh = {name: value for name, value in vars(args).items()
+                 if name in ("device", "resume", "results_dir") or name.startswith("prior_")
+                 or name == "out" and value != defaults[name]}
         ignored = [name for name, value in vars(args).items()
                    if name in resumed["args"] and name not in fresh
                    and value != defaults[name] and value != resumed["args"][name]]

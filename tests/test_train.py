@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, HF_HOME, assert_user_error, blob_image, make_folder, run_script
-from vae_model import load_vae
+from vae_model import load_prior, load_vae
 
 
 def read_metrics(results):
@@ -43,7 +43,7 @@ def test_scripts_write_only_under_the_paths_their_flags_name(trained):
 def test_ctrl_c_saves_and_resume_finishes_the_same_epochs(tmp_path, image_folder):
     results = tmp_path / "results"
     args = [sys.executable, os.path.join(ROOT, "train_vae.py"), "--data", image_folder,
-            "--epochs", "60", "--image-size", "32", "--batch-size", "4", "--save-every", "100",
+            "--epochs", "60", "--image-size", "32", "--batch-size", "4", "--save-every", "100", "--prior-steps", "0",
             "--out", str(tmp_path / "m.pth"), "--results-dir", str(results)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": HF_HOME, "MPLBACKEND": "Agg"}
     process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -61,7 +61,8 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_epochs(tmp_path, image_folder
     assert not (tmp_path / "m.pth").exists()
 
     # Flags that would change the run are named and ignored, never silently dropped.
-    result = run_script("train_vae.py", "--resume", "--results-dir", results, "--epochs", 5, "--lr", 0.5)
+    result = run_script("train_vae.py", "--resume", "--results-dir", results, "--epochs", 5, "--lr", 0.5,
+                        "--prior-steps", 0)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ignoring --epochs, --lr" in result.stdout
     assert f"resuming after epoch {stopped} of 60" in result.stdout
@@ -84,7 +85,7 @@ def test_folder_with_odd_images_trains_on_the_rest_and_counts_the_skipped(tmp_pa
     blob_image(6).convert("CMYK").save(tmp_path / "images" / "cmyk.jpg")
     blob_image(7, (16, 16)).save(tmp_path / "images" / "tiny.png")
     blob_image(8, (4000, 3000)).save(tmp_path / "images" / "huge.jpg")
-    result = run_script("train_vae.py", "--data", folder, "--epochs", 1, "--image-size", 32,
+    result = run_script("train_vae.py", "--data", folder, "--epochs", 1, "--image-size", 32, "--prior-steps", 0,
                         "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "skipped 2 file(s)" in result.stdout
@@ -92,7 +93,7 @@ def test_folder_with_odd_images_trains_on_the_rest_and_counts_the_skipped(tmp_pa
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, image_folder):
-    result = run_script("train_vae.py", "--data", image_folder, "--epochs", 3, "--image-size", 32,
+    result = run_script("train_vae.py", "--data", image_folder, "--epochs", 3, "--image-size", 32, "--prior-steps", 0,
                         "--lr", "1e30", "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
     assert_user_error(result, "lower --lr", "--kl-weight")
     assert not (tmp_path / "m.pth").exists()
@@ -100,16 +101,19 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
 
 def test_amp_code_path_runs_on_the_cpu(tmp_path, image_folder):
     result = run_script("train_vae.py", "--data", image_folder, "--epochs", 1, "--image-size", 32,
-                        "--amp", "on", "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
+                        "--amp", "on", "--prior-steps", 5, "--prior-width", 8,
+                        "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bfloat16 autocast" in result.stdout
     assert load_vae(tmp_path / "m.pth").image_size == 32
+    assert load_prior(tmp_path / "m.pth").config["width"] == 8  # stage two ran under autocast too
 
 
 def test_amp_auto_follows_the_hardware_check(tmp_path, image_folder):
     import train_vae
     result = run_script("train_vae.py", "--data", image_folder, "--epochs", 1, "--image-size", 32,
-                        "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
+                        "--device", "cpu", "--prior-steps", 0, "--out", tmp_path / "m.pth",
+                        "--results-dir", tmp_path / "r")
     assert result.returncode == 0, result.stderr[-2000:]
     fast = train_vae.bf16_is_fast(torch.device("cpu"))
     assert ("bfloat16 autocast" in result.stdout.splitlines()[0]) == fast
