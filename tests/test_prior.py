@@ -214,3 +214,10 @@ def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
         # The floor's samples are training images: each is its own nearest neighbour.
         assert (copy == 0) == (name == "real training images (floor)"), row
     assert len(os.listdir(tmp_path)) == 4
+
+
+def test_bench_samples_names_a_missing_model(image_folder, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
+                             "--model", str(tmp_path / "none.pth"), "--data", image_folder],
+                            capture_output=True, text=True, timeout=300)
+    assert_user_error(result, "none.pth", "train_vae.py")
