@@ -1,12 +1,13 @@
 """
-Train the VAE of vae_model.py on Pokémon images.
+Train the VAE of vae_model.py on Pokémon images, then a learned prior over its latent.
 
     python train_vae.py                              # the Hugging Face Hub data set
     python train_vae.py --data path/to/folder        # any folder of images, offline
 
 The chapter, top to bottom: settings, loading the images (once, into memory), augmenting
-batches, the training loop, and saving (reconstruction grids, prior samples, metrics, the
-loss curve, a resumable checkpoint and the final model).
+batches, the training loop, saving (reconstruction grids, prior samples, metrics, the loss
+curve, a resumable checkpoint and the final model), and stage two: the learned prior
+(LatentPrior of vae_model.py), trained on the VAE's codes and saved next to it.
 """
 import argparse
 import json
