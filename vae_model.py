@@ -3,8 +3,9 @@ A convolutional Variational Autoencoder, written out in plain PyTorch.
 
 Read this file top to bottom: the building block, the Encoder (image -> mu, log_var),
 the reparameterization trick, the Decoder (z -> image), the VAE that joins them, the
-loss, and the checkpoint helpers that let sample_vae.py rebuild exactly the model that
-train_vae.py trained. Torch only: data loading, the training loop and plotting live in
+loss; then stage two, a small diffusion model that learns where the VAE's codes lie so that
+new images can be drawn; and the checkpoint helpers that let sample_vae.py rebuild exactly
+the models that train_vae.py trained. Torch only: data loading, the training loop and plotting live in
 the two scripts.
 """
 import math
@@ -196,9 +197,8 @@ class DenoiserBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention over the positions of a feature map: every position sees the whole
-    figure at once, which is what keeps a sample to one creature with one colour scheme
-    instead of patches that disagree."""
+    """Self-attention over the positions of a feature map: a convolution sees only its
+    neighbours, attention lets every position see the whole figure at once."""
 
     def __init__(self, channels):
         super().__init__()
