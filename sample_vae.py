@@ -8,20 +8,24 @@ Use a trained VAE: reconstruct an image, generate new ones, walk and map the lat
     python sample_vae.py --interpolate a.png b.png        # a walk from a to b (PNG strip + GIF)
     python sample_vae.py --latent-map path/to/images      # every image placed by its latent (PCA)
 
-The model is rebuilt from the checkpoint's own config (image size, latent channels, widths),
-never from constants here. Each mode is one small function; every figure is saved, and shown
-only where a display exists.
+The model is rebuilt from the checkpoint's own config, never from constants here. Each mode is
+one small function; every figure is saved, and shown only where a display exists.
 """
 import argparse
 import math
 import os
 import sys
 
+import matplotlib.pyplot as plt
 import torch
+from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
+from torchvision.utils import make_grid
 
-from vae_model import CheckpointError, load_prior, load_vae, psnr, sample_prior, vae_loss
-from train_vae import (UserError, load_images, open_rgb, pick_device, positive_int, save_png, to_model_range,
-                       to_square)
+from train_vae import (UserError, image_files, load_images, open_rgb, pick_device, positive_int, save_png,
+                       to_model_range, to_square)
+from vae_model import CheckpointError, atomic_write, load_prior, load_vae, psnr, sample_prior, vae_loss
 
 # -----------------------------------------------------------------------------------------------
 MODEL_PATH = "vae_model.pth"                      # checkpoint written by train_vae.py
@@ -43,56 +47,30 @@ def load_model(path, device, loader=load_vae):
         raise UserError(f"there is no trained model at {path}; run `python train_vae.py` first "
                         "or pass --model with the path of one") from None
     except CheckpointError as error:
-        raise UserError(f"{error}; pass --model with a checkpoint written by train_vae.py") from None
+        raise UserError(f"{error}; pass --model with a checkpoint written by train_vae.py") from error
 
 
 def load_image(path, size):
     """One image as a (1, 3, size, size) tensor in [-1, 1], prepared exactly as in training."""
-    from torchvision.transforms.v2.functional import pil_to_tensor
     if not os.path.isfile(path):
         raise UserError(f"the image {path} does not exist; pass --image with the path of an image")
     try:
         image = to_square(open_rgb(path), size)
     except Exception as error:  # PIL raises several types for broken files
-        raise UserError(f"{path} is not a readable image ({type(error).__name__}); "
-                        "pass a PNG or JPEG file") from None
+        raise UserError(f"{path} is not a readable image ({type(error).__name__}); pass a PNG or JPEG file") from error
     return to_model_range(pil_to_tensor(image).unsqueeze(0))
 
 
 def load_folder(folder, size):
     if not os.path.isdir(folder):
         raise UserError(f"the folder {folder} does not exist; pass an existing folder of images")
-    return to_model_range(load_images(folder, size))
+    return to_model_range(load_images(image_files(folder), size, folder))
 
 
 @torch.no_grad()
 def encode_means(model, images, batch_size=32):
     """The latent means of many images, a batch at a time."""
-    return torch.cat([model.encode(images[i:i + batch_size])[0] for i in range(0, len(images), batch_size)])
-
-
-def show_or_save(fig, path, show):
-    import matplotlib.pyplot as plt
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path + ".tmp", format="png", dpi=100, bbox_inches="tight")
-    os.replace(path + ".tmp", path)  # replaced whole: never a truncated PNG
-    print(f"saved {path}")
-    if show:
-        plt.show()
-    plt.close(fig)
-
-
-def save_grid(images, path, nrow, show):
-    """A grid of decoded images as a PNG (replaced whole), shown where a display exists."""
-    from torchvision.utils import make_grid
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_png(images, path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
-    print(f"saved {path}")
-    if show:
-        import matplotlib.pyplot as plt
-        plt.imshow(to_picture(make_grid(images, nrow=nrow, padding=2, pad_value=1)))
-        plt.axis("off")
-        plt.show()
+    return torch.cat([model.encode(batch)[0] for batch in images.split(batch_size)])
 
 
 def to_picture(tensor):
@@ -100,59 +78,67 @@ def to_picture(tensor):
     return tensor.float().add(1).div(2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
 
 
-# ---------------------------------------------------------------------------------------
-# Default mode: reconstruct one image and show its latent
-# ---------------------------------------------------------------------------------------
+def show_or_save(fig, path, show):
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    print(f"saved {path}")
+    if show:
+        plt.show()
+    plt.close(fig)
+
+
+def save_grid(images, path, nrow, show):
+    save_png(images, path, nrow)
+    print(f"saved {path}")
+    if show:
+        plt.imshow(to_picture(make_grid(images, nrow=nrow, padding=2, pad_value=1)))
+        plt.axis("off")
+        plt.show()
+
+
+# --- Default mode: reconstruct one image and show its latent --------------------------------
 
 @torch.no_grad()
 def reconstruct(model, args, device, show):
-    import matplotlib.pyplot as plt
     x = load_image(args.image, model.image_size).to(device)
     mu, log_var = model.encode(x)
     recon = model.decode(mu)  # decoding the mean, not a sample: the model's best guess
     kl = vae_loss(recon, x, mu, log_var)[2]  # the same closed form as in training
     print(f"reconstruction PSNR {psnr(recon, x):.2f} dB (KL {kl.item():.0f} nats)")
     channels = mu.shape[1]
-    rows = 1 if channels <= 4 else 2  # the latent maps in one row, or two when there are many
+    rows = 1 if channels <= 4 else 2  # the latent channels in one row, or two when there are many
     cols = math.ceil(channels / rows)
     fig = plt.figure(figsize=(1.8 * (2 * rows + cols), 1.8 * rows + 0.6))
     grid = fig.add_gridspec(rows, 2 * rows + cols)
-    big = [(grid[:, :rows], x[0], "original"), (grid[:, rows:2 * rows], recon[0], "reconstruction")]
-    for cell, image, title in big:
+    panels = [(grid[:, :rows], to_picture(x[0]), "original", None),
+              (grid[:, rows:2 * rows], to_picture(recon[0]), "reconstruction", None)]
+    panels += [(grid[c // cols, 2 * rows + c % cols], mu[0, c].cpu().numpy(), f"latent {c}", "viridis")
+               for c in range(channels)]
+    for cell, picture, title, cmap in panels:
         axis = fig.add_subplot(cell)
-        axis.imshow(to_picture(image))
-        axis.set_title(title)
-        axis.axis("off")
-    for c in range(channels):
-        axis = fig.add_subplot(grid[c // cols, 2 * rows + c % cols])
-        axis.imshow(mu[0, c].cpu().numpy(), cmap="viridis")
-        axis.set_title(f"latent {c}", fontsize=9)
+        axis.imshow(picture, cmap=cmap)
+        axis.set_title(title, fontsize=9 if cmap else None)
         axis.axis("off")
     show_or_save(fig, args.out or OUTPUT_PATH, show)
 
 
-# ---------------------------------------------------------------------------------------
-# --generate: decode latents drawn from a prior
-# ---------------------------------------------------------------------------------------
+# --- --generate: decode latents drawn from a prior -----------------------------------------------
 
 def fit_data_prior(model, images):
-    """A diagonal Gaussian fitted to the latent means of real images: one mean and one std
-    per latent element (ex-post density estimation, Ghosh et al. 2020, "From Variational to
-    Deterministic Autoencoders"). It puts samples where the encoder really puts images,
-    which N(0, I) only approximates when the KL term is weak."""
+    """A diagonal Gaussian fitted to the latent means of real images: one mean and one std per
+    latent element (ex-post density estimation, Ghosh et al. 2020). It puts samples where the
+    encoder really puts images, which N(0, I) only approximates when the KL term is weak."""
     mus = encode_means(model, images)
     return mus.mean(0), mus.std(0)
 
 
 def draw_latents(n, mean, std, seed):
-    generator = torch.Generator().manual_seed(seed)
-    eps = torch.randn((n,) + tuple(mean.shape), generator=generator).to(mean.device)
+    eps = torch.randn((n,) + tuple(mean.shape), generator=torch.Generator().manual_seed(seed)).to(mean.device)
     return mean + std * eps
 
 
 def pick_prior(args, device):
-    """The learned prior stored with the model, or None where the user asked for another
-    prior or the checkpoint has none (it then falls back to N(0, I), with a note)."""
+    """The learned prior stored with the model, or None where the user asked for another prior
+    or the checkpoint has none (it then falls back to N(0, I), with a note)."""
     if args.prior not in (None, "learned"):
         return args.prior, None
     prior = load_model(args.model, device, loader=load_prior)
@@ -161,8 +147,8 @@ def pick_prior(args, device):
     if args.prior == "learned":
         raise UserError(f"{args.model} holds no learned prior; train one with `python train_vae.py` "
                         "(its stage two) or pass --prior normal or --prior data")
-    print(f"note: {args.model} holds no learned prior (trained with --prior-steps 0 or by an older "
-          "version); sampling from N(0, I) instead")
+    print(f"note: {args.model} holds no learned prior (trained with --prior-steps 0 or by an older version); "
+          "sampling from N(0, I) instead")
     return "normal", None
 
 
@@ -180,14 +166,11 @@ def generate(model, args, device, show):
     z = draw_latents(args.generate, mean, std, args.seed)
     if prior is not None:  # the learned prior turns that noise into a latent, step by step
         z = sample_prior(prior, z, args.sample_steps)
-    images = model.decode(z)
     print(f"{args.generate} samples from the {name} prior")
-    save_grid(images, args.out or GENERATED_PATH, min(8, args.generate), show)
+    save_grid(model.decode(z), args.out or GENERATED_PATH, min(8, args.generate), show)
 
 
-# ---------------------------------------------------------------------------------------
-# --interpolate: walk the straight line between two images' latent means
-# ---------------------------------------------------------------------------------------
+# --- --interpolate: walk the straight line between two images' latent means ----------------
 
 @torch.no_grad()
 def interpolation(model, a, b, steps):
@@ -197,70 +180,58 @@ def interpolation(model, a, b, steps):
 
 
 def interpolate(model, args, device, show):
-    from PIL import Image
     a, b = (load_image(path, model.image_size).to(device) for path in args.interpolate)
     frames = interpolation(model, a, b, args.steps)
     path = args.out or INTERPOLATION_PATH
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    # The GIF walks there and back, so it loops without a jump.
     pictures = [Image.fromarray((to_picture(frame) * 255).round().astype("uint8")) for frame in frames]
-    pictures += pictures[-2:0:-1]
+    pictures += pictures[-2:0:-1]  # there and back, so that the GIF loops without a jump
     gif = os.path.splitext(path)[0] + ".gif"
-    pictures[0].save(gif + ".tmp", format="GIF", save_all=True, append_images=pictures[1:],
-                     duration=120, loop=0)
-    os.replace(gif + ".tmp", gif)
+    atomic_write(gif, lambda tmp: pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:],
+                                                   duration=120, loop=0))
     print(f"saved {gif}")
     save_grid(frames, path, args.steps, show)
 
 
-# ---------------------------------------------------------------------------------------
-# --latent-map: every image of a folder at its place in the latent space (PCA to 2-D)
-# ---------------------------------------------------------------------------------------
+# --- --latent-map: every image of a folder at its place in the latent space (PCA to 2-D) ---
 
-@torch.no_grad()
+def latent_positions(mus):
+    """Each latent mean's coordinates on the two principal axes of the set: the first two
+    right-singular vectors of the centred means. An axis has no sign of its own, so each is
+    turned to make its largest loading positive."""
+    flat = mus.flatten(1).cpu().double()
+    centred = flat - flat.mean(0)
+    v = torch.linalg.svd(centred, full_matrices=False).Vh[:2].T
+    return (centred @ (v * torch.sign(v[v.abs().argmax(0), torch.arange(2)]))).float()
+
+
 def latent_map(model, args, device, show):
-    import matplotlib.pyplot as plt
-    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
     images = load_folder(args.latent_map, model.image_size).to(device)
-    flat = encode_means(model, images).flatten(1).cpu()
-    # pca_lowrank centres the data; the first two right-singular vectors span the plane of
-    # largest variance, and projecting onto them gives each image its 2-D position.
-    # pca_lowrank iterates on a random subspace: with q=8 and 6 iterations its first two axes
-    # agree across seeds to 0.3% (q=2 with the default 2 iterations did not). An axis has no
-    # sign of its own, so each is turned to make its largest loading positive.
-    torch.manual_seed(args.seed)
-    _, _, v = torch.pca_lowrank(flat, q=min(8, *flat.shape), center=True, niter=6)
-    v = v[:, :2] * torch.sign(v[v[:, :2].abs().argmax(0), torch.arange(2)])
-    xy = ((flat - flat.mean(0)) @ v).numpy()
+    xy = latent_positions(encode_means(model, images)).numpy()
     fig, axis = plt.subplots(figsize=(12, 12))
     axis.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0)  # sets the axis limits
     zoom = 24 / model.image_size * max(1.0, 20 / len(images) ** 0.5)
     for (x, y), image in zip(xy, images):
-        thumbnail = OffsetImage(to_picture(image), zoom=zoom)
-        axis.add_artist(AnnotationBbox(thumbnail, (x, y), frameon=False))
+        axis.add_artist(AnnotationBbox(OffsetImage(to_picture(image), zoom=zoom), (x, y), frameon=False))
     axis.set(title=f"{len(images)} images placed by the first two principal components of their latent means",
              xlabel="PC 1", ylabel="PC 2")
     show_or_save(fig, args.out or LATENT_MAP_PATH, show)
 
 
-# ---------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------
+# --- Command line ---------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Reconstruct, generate and explore with a trained VAE.")
     p.add_argument("--model", default=MODEL_PATH, help="checkpoint written by train_vae.py")
     p.add_argument("--image", default=IMAGE_PATH, help="image to reconstruct (default mode)")
-    p.add_argument("--out", default=None, help="where to save the figure (default: per mode, in vae_results/)")
+    p.add_argument("--out", help="where to save the figure (default: per mode, in vae_results/)")
     p.add_argument("--no-show", action="store_true", help="only save, never open a window")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--generate", type=positive_int, metavar="N", help="decode N latents from a prior")
     mode.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="walk from image A to image B")
     mode.add_argument("--latent-map", metavar="FOLDER", help="map a folder's images in latent space")
-    p.add_argument("--prior", choices=["learned", "normal", "data"], default=None,
-                   help="--generate from the learned prior stored with the model (the default), "
-                        "from N(0, I), or from a Gaussian fitted to --data's latents")
+    p.add_argument("--prior", choices=["learned", "normal", "data"], help="--generate from the learned prior "
+                   "stored with the model (the default), from N(0, I), or from a Gaussian fitted to --data")
     p.add_argument("--sample-steps", type=positive_int, default=SAMPLE_STEPS,
                    help="denoising steps of the learned prior")
     p.add_argument("--data", metavar="FOLDER", help="images to fit --prior data to")
@@ -277,20 +248,12 @@ def main():
     # A window only where one can open; headless runs (servers, CI) just save the figure.
     show = not args.no_show and (sys.platform in ("darwin", "win32")
                                  or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")))
-    if not show:
-        import matplotlib
-        matplotlib.use("Agg")
     try:
         device = pick_device(args.device)
         model = load_model(args.model, device)
-        if args.generate:
-            generate(model, args, device, show)
-        elif args.interpolate:
-            interpolate(model, args, device, show)
-        elif args.latent_map:
-            latent_map(model, args, device, show)
-        else:
-            reconstruct(model, args, device, show)
+        mode = generate if args.generate else interpolate if args.interpolate else (
+            latent_map if args.latent_map else reconstruct)
+        mode(model, args, device, show)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

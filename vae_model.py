@@ -1,12 +1,10 @@
 """
 A convolutional Variational Autoencoder, written out in plain PyTorch.
 
-Read this file top to bottom: the building block, the Encoder (image -> mu, log_var),
-the reparameterization trick, the Decoder (z -> image), the VAE that joins them, the
-loss; then stage two, a small diffusion model that learns where the VAE's codes lie so that
-new images can be drawn; and the checkpoint helpers that let sample_vae.py rebuild exactly
-the models that train_vae.py trained. Torch only: data loading, the training loop and plotting live in
-the two scripts.
+Read top to bottom: the building block, the Encoder (image -> mu, log_var), the
+reparameterization trick, the Decoder (z -> image), the VAE, its loss; then stage two, a small
+diffusion model that learns where the VAE's codes lie so that new images can be drawn; and the
+checkpoint helpers. Torch only: data, the training loop and plotting live in the two scripts.
 """
 import math
 import os
@@ -16,14 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ---------------------------------------------------------------------------------------
-# Building block
-# ---------------------------------------------------------------------------------------
+# --- Building block ------------------------------------------------------------------------
 
 def norm(channels):
     # GroupNorm instead of BatchNorm: it does not depend on the batch, so a batch of 2 on a
-    # laptop, a batch of 1 in sample_vae.py and train/eval mode all behave the same. Groups
-    # of 4 channels, at most 32 groups; gcd keeps the count a divisor of any width.
+    # laptop, a batch of 1 in sample_vae.py and train/eval mode all behave the same. Up to 32
+    # groups of at least 4 channels; gcd makes the count divide the width (4 groups of 12 for 48).
     return nn.GroupNorm(math.gcd(channels // 4, 32), channels)
 
 
@@ -42,9 +38,7 @@ class ResBlock(nn.Module):
         return x + self.block(x)
 
 
-# ---------------------------------------------------------------------------------------
-# Encoder: image (B, 3, H, W) in [-1, 1]  ->  mu, log_var, each (B, latent, H/8, W/8)
-# ---------------------------------------------------------------------------------------
+# --- Encoder: image (B, 3, H, W) in [-1, 1]  ->  mu, log_var, each (B, latent, H/8, W/8) ---
 
 class Encoder(nn.Module):
     def __init__(self, latent_channels=8, channels=(32, 64, 128)):
@@ -52,11 +46,8 @@ class Encoder(nn.Module):
         c2, c4, c8 = channels  # the widths at H/2, H/4 and H/8
         self.body = nn.Sequential(
             # H/2. PixelUnshuffle folds every 2x2 patch of pixels into 12 channels, so no
-            # conv runs at full resolution: a conv with few channels on a large map is the
-            # slowest work per FLOP in the network. Without full-resolution convs a training
-            # step is 1.4x faster, and the model learns more in the same time; a residual
-            # block here would cost another 30% of the step for no gain in a fixed time
-            # (README, Performance).
+            # conv runs at full resolution, where a conv with few channels on a large map is
+            # the slowest work per FLOP of the network; the time goes to the deeper layers.
             nn.PixelUnshuffle(2), nn.Conv2d(12, c2, 3, padding=1),
             # H/4 and H/8: a stride-2 conv halves the size, a residual block refines.
             nn.Conv2d(c2, c4, 3, stride=2, padding=1), ResBlock(c4),
@@ -72,9 +63,7 @@ class Encoder(nn.Module):
         return mu, log_var.clamp(-30.0, 20.0)
 
 
-# ---------------------------------------------------------------------------------------
-# Decoder: latent z (B, latent, H/8, W/8)  ->  image (B, 3, H, W) in [-1, 1]
-# ---------------------------------------------------------------------------------------
+# --- Decoder: latent z (B, latent, H/8, W/8)  ->  image (B, 3, H, W) in [-1, 1] ------------
 
 def upsample(in_channels, out_channels):
     # Nearest upsampling + conv rather than ConvTranspose2d: a stride-2 transposed conv
@@ -101,9 +90,7 @@ class Decoder(nn.Module):
         return self.body(z)
 
 
-# ---------------------------------------------------------------------------------------
-# The VAE: encoder, reparameterization trick, decoder
-# ---------------------------------------------------------------------------------------
+# --- The VAE: encoder, reparameterization trick, decoder -----------------------------------
 
 class VAE(nn.Module):
     def __init__(self, image_size=128, latent_channels=8, channels=(32, 64, 128)):
@@ -138,9 +125,7 @@ class VAE(nn.Module):
         return self.decode(z), mu, log_var
 
 
-# ---------------------------------------------------------------------------------------
-# Loss: reconstruction + kl_weight * KL(q(z|x) || N(0, I))
-# ---------------------------------------------------------------------------------------
+# --- Loss: reconstruction + kl_weight * KL(q(z|x) || N(0, I)) ------------------------------
 
 def vae_loss(recon, x, mu, log_var, kl_weight=1.0):
     """Returns (total, reconstruction, kl), each a scalar per image (averaged over the batch).
@@ -171,9 +156,7 @@ def psnr(recon, x):
     return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
 
 
-# ---------------------------------------------------------------------------------------
-# Stage two: a learned prior over the latent, a small denoising diffusion model
-# ---------------------------------------------------------------------------------------
+# --- Stage two: a learned prior over the latent, a small denoising diffusion model ---------
 # N(0, I) is the prior the KL term pulls toward, but with a weak KL weight the encoder's
 # codes fill only a thin, structured part of that space: decoding plain noise paints
 # independent colour patches. So, as Stable Diffusion does on top of its VAE, a second model
@@ -292,9 +275,7 @@ def sample_prior(prior, noise, steps=50):
     return z * prior.latent_std + prior.latent_mean
 
 
-# ---------------------------------------------------------------------------------------
-# Checkpoints: the config travels with the weights
-# ---------------------------------------------------------------------------------------
+# --- Checkpoints: the config travels with the weights --------------------------------------
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, foreign or does not fit its own config."""
@@ -310,17 +291,22 @@ def vae_checkpoint(model, prior=None):
     return checkpoint
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename it over `path`.
-    A rename within one folder is atomic, so a crash or Ctrl-C mid-save leaves the previous
-    file whole."""
+def atomic_write(path, write):
+    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`. A rename
+    within one folder is atomic, so a crash or Ctrl-C mid-write leaves the previous file whole;
+    a failed write leaves no temporary file behind."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(checkpoint, path):
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -332,37 +318,30 @@ def load_checkpoint(path, map_location="cpu"):
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # random bytes, empty or text file, pickled code, truncation
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
-                              f"({type(error).__name__})") from None
+                              f"({type(error).__name__})") from error
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this VAE "
                               "(it has no 'config' and 'model' entries)")
     return checkpoint
 
 
-def load_vae(path, map_location="cpu"):
-    """Rebuild the trained VAE from `path` and return it in eval mode."""
-    checkpoint = load_checkpoint(path, map_location)
+def rebuild(model_class, entry, path, what):
+    """model_class(**config) with the entry's weights, in eval mode."""
     try:
-        model = VAE(**checkpoint["config"])
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, ValueError, RuntimeError) as error:
+        model = model_class(**entry["config"])
+        model.load_state_dict(entry["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # the config or the weights
         first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{path} holds weights that do not fit its own config "
-                              f"({first_line})") from None
-    return model.to(map_location).eval()
+        raise CheckpointError(f"{path} holds {what} fit its own config ({first_line})") from error
+    return model.eval()
+
+
+def load_vae(path, map_location="cpu"):
+    """Rebuild the trained VAE from `path`, on the device `map_location`."""
+    return rebuild(VAE, load_checkpoint(path, map_location), path, "weights that do not").to(map_location)
 
 
 def load_prior(path, map_location="cpu"):
-    """The learned prior stored next to the VAE in `path`, in eval mode, or None for a
-    checkpoint written without one."""
+    """The learned prior stored next to the VAE in `path`, or None for a checkpoint without one."""
     entry = load_checkpoint(path, map_location).get("prior")
-    if entry is None:
-        return None
-    try:
-        prior = LatentPrior(**entry["config"])
-        prior.load_state_dict(entry["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{path} holds a prior that does not fit its own config "
-                              f"({first_line})") from None
-    return prior.to(map_location).eval()
+    return None if entry is None else rebuild(LatentPrior, entry, path, "a prior that does not").to(map_location)

@@ -195,9 +195,7 @@ def main():
         print(row(name, samples, f"{fit_s:.1f}", f"{time.perf_counter() - tick:.1f}"))
         if args.grids:
             slug = re.sub(r"[^a-z0-9]+", "_", name.split(" (")[0].lower()).strip("_")
-            os.makedirs(args.grids, exist_ok=True)
-            train_vae.save_png(samples[:16], os.path.join(args.grids, f"prior_{slug}.png"), nrow=8,
-                               normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
+            train_vae.save_png(samples[:16], os.path.join(args.grids, f"prior_{slug}.png"))
 
 
 if __name__ == "__main__":

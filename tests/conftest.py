@@ -8,9 +8,13 @@ import tempfile
 
 import pytest
 from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_HOME = tempfile.mkdtemp(prefix="vae_tests_hf_")  # keeps datasets' cache out of ~ and the repo
+# Set before any test module imports datasets (through train_vae), so in-process tests are offline too.
+os.environ.update(HF_HOME=HF_HOME, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 def blob_image(seed, size=(48, 40), mode="RGB"):
@@ -35,13 +39,19 @@ def make_folder(folder, count=12, size=(48, 40)):
 
 def run_script(script, *args, cwd=None, env=None, timeout=300):
     """Run one of the project's scripts as a user would, headless and offline."""
-    full_env = {**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1",
-                "HF_HOME": HF_HOME, **(env or {})}
-    full_env.pop("DISPLAY", None)
-    full_env.pop("WAYLAND_DISPLAY", None)
+    full_env = {**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "HF_HOME": HF_HOME}
+    for name in ("DISPLAY", "WAYLAND_DISPLAY") + PROXIES:  # no window; and no test goes out to the network
+        full_env.pop(name, None)
+    full_env.update(env or {})
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
                           cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def grid_pixels(images, nrow):
+    """What save_png writes for these images, as uint8 pixels."""
+    grid = make_grid(images.add(1).div(2).clamp(0, 1), nrow=nrow, padding=2, pad_value=1)
+    return grid.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
 def assert_user_error(result, *phrases):
@@ -67,8 +77,20 @@ def trained(tmp_path_factory, image_folder):
     work = tmp_path_factory.mktemp("work")
     result = run_script("train_vae.py", "--data", image_folder, "--epochs", 2, "--image-size", 32,
                         "--batch-size", 4, "--save-every", 1, "--prior-steps", 60, "--prior-width", 16,
-                        "--prior-batch-size", 16, "--out", "out/model.pth",
+                        "--prior-batch-size", 16, "--device", "cpu", "--out", "out/model.pth",
                         "--results-dir", "out/results", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"work": work, "model": work / "out" / "model.pth", "results": work / "out" / "results",
             "stdout": result.stdout}
+
+
+def train_in_process(*argv):
+    """train_vae.train() in this process, so that a test can patch its pieces; returns the exit
+    status and leaves Ctrl-C as it found it."""
+    import signal
+    import train_vae
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return train_vae.train(train_vae.parse_args([str(arg) for arg in argv]))
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -11,19 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 import sample_vae
-from conftest import HF_HOME, ROOT, assert_user_error, run_script
+from conftest import HF_HOME, ROOT, assert_user_error, grid_pixels, run_script
 from vae_model import LatentPrior, load_prior, load_vae, prior_loss, sample_prior, vae_checkpoint
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-
-def grid_pixels(images, nrow):
-    """What save_png writes for these images, as uint8 pixels."""
-    grid = make_grid(images.add(1).div(2).clamp(0, 1), nrow=nrow, padding=2, pad_value=1)
-    return grid.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
 @pytest.mark.parametrize("side", [1, 4, 5])

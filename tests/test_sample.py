@@ -1,5 +1,7 @@
 """sample_vae.py: every mode, headless, on the model trained in conftest."""
+import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -7,17 +9,23 @@ import torch
 from PIL import Image
 
 import sample_vae
-from conftest import assert_user_error, blob_image, run_script
-from train_vae import open_rgb, to_square
+from conftest import assert_user_error, blob_image, grid_pixels, run_script
+from torchvision.transforms.v2.functional import pil_to_tensor
+from train_vae import open_rgb, to_model_range, to_square
 from vae_model import load_vae
 
 
-def test_reconstruction_figure(trained, image_folder, tmp_path):
+def test_reconstruction_figure_and_its_psnr(trained, image_folder, tmp_path):
+    image = os.path.join(image_folder, "blob_03.png")
     out = tmp_path / "fig.png"
-    result = run_script("sample_vae.py", "--model", trained["model"], "--no-show", "--out", out,
-                        "--image", os.path.join(image_folder, "blob_03.png"))
+    result = run_script("sample_vae.py", "--model", trained["model"], "--no-show", "--out", out, "--image", image)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "reconstruction PSNR" in result.stdout
+    printed = float(re.search(r"reconstruction PSNR ([0-9.]+) dB", result.stdout).group(1))
+    model = load_vae(trained["model"])
+    x = to_model_range(pil_to_tensor(to_square(open_rgb(image), 32)).unsqueeze(0))  # as in training
+    with torch.no_grad():
+        mse = ((model.decode(model.encode(x)[0]) - x) / 2).pow(2).mean().item()  # on [0, 1] pixels
+    assert printed == pytest.approx(10 * math.log10(1 / mse), abs=0.006)
     with Image.open(out) as figure:
         assert figure.width > 3 * figure.height  # original | reconstruction | latent channels
 
@@ -38,52 +46,67 @@ def test_generate_is_repeatable_with_seed(trained, tmp_path):
     assert outs[0].read_bytes() == outs[1].read_bytes()
 
 
-def test_generate_data_prior(trained, image_folder, tmp_path):
+def test_generate_from_the_data_prior_decodes_the_fitted_gaussian(trained, image_folder, tmp_path):
     out = tmp_path / "gen.png"
-    result = run_script("sample_vae.py", "--model", trained["model"], "--generate", 3,
+    result = run_script("sample_vae.py", "--model", trained["model"], "--generate", 3, "--seed", 5,
                         "--prior", "data", "--data", image_folder, "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
-    with Image.open(out) as grid:
-        assert grid.size == (3 * 34 + 2, 34 + 2)
-    normal = tmp_path / "normal.png"  # same seed, same eps: only the prior differs
-    run_script("sample_vae.py", "--model", trained["model"], "--generate", 3, "--out", normal)
-    assert normal.read_bytes() != out.read_bytes()
-
-
-def test_data_prior_samples_follow_the_fitted_gaussian(trained):
     model = load_vae(trained["model"])
-    images = torch.rand(10, 3, 32, 32) * 2 - 1
+    images = torch.stack([to_model_range(pil_to_tensor(to_square(open_rgb(os.path.join(image_folder, name)), 32)))
+                          for name in sorted(os.listdir(image_folder))])
+    with torch.no_grad():
+        mus = model.encode(images)[0]
+        eps = torch.randn(3, *mus.shape[1:], generator=torch.Generator().manual_seed(5))
+        expected = grid_pixels(model.decode(mus.mean(0) + mus.std(0) * eps), nrow=3)
+    with Image.open(out) as grid:
+        assert np.abs(np.asarray(grid.convert("RGB")).astype(int) - expected).max() <= 1
+
+
+def test_the_data_prior_is_the_mean_and_std_of_the_latent_means(trained):
+    model = load_vae(trained["model"])
+    images = torch.rand(70, 3, 32, 32) * 2 - 1  # more than one batch of encode_means
     mean, std = sample_vae.fit_data_prior(model, images)
-    assert mean.shape == std.shape == (model.config["latent_channels"], 4, 4)
+    with torch.no_grad():
+        mus = model.encode(images)[0]
+    assert torch.allclose(mean, mus.mean(0), atol=1e-5) and torch.allclose(std, mus.std(0), atol=1e-5)
     z = sample_vae.draw_latents(20000, mean, std, seed=0)
     assert torch.allclose(z.mean(0), mean, atol=0.05 * std.max().item() + 1e-3)
     assert torch.allclose(z.std(0), std, rtol=0.05)
 
 
-def test_interpolation_strip_gif_and_endpoints(trained, image_folder, tmp_path):
+def test_interpolation_decodes_the_straight_line_between_the_latent_means(trained, image_folder, tmp_path):
     a, b = (os.path.join(image_folder, name) for name in ("blob_01.png", "blob_05.png"))
     out = tmp_path / "walk.png"
     result = run_script("sample_vae.py", "--model", trained["model"], "--interpolate", a, b,
                         "--steps", 5, "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
-    with Image.open(out) as strip:
-        assert strip.size == (5 * 34 + 2, 34 + 2)
-    with Image.open(tmp_path / "walk.gif") as gif:
-        assert gif.n_frames == 8  # 5 there, 3 back
     model = load_vae(trained["model"])
     xa, xb = (sample_vae.load_image(path, 32) for path in (a, b))
-    frames = sample_vae.interpolation(model, xa, xb, 5)
     with torch.no_grad():
-        assert torch.allclose(frames[0], model.decode(model.encode(xa)[0])[0], atol=1e-5)
-        assert torch.allclose(frames[-1], model.decode(model.encode(xb)[0])[0], atol=1e-5)
+        mu_a, mu_b = model.encode(xa)[0], model.encode(xb)[0]
+        expected = model.decode(torch.cat([(1 - t) * mu_a + t * mu_b for t in (0, 0.25, 0.5, 0.75, 1)]))
+    assert torch.allclose(sample_vae.interpolation(model, xa, xb, 5), expected, atol=1e-5)
+    with Image.open(out) as strip:
+        assert np.abs(np.asarray(strip.convert("RGB")).astype(int) - grid_pixels(expected, nrow=5)).max() <= 1
+    with Image.open(tmp_path / "walk.gif") as gif:
+        assert gif.n_frames == 8  # 5 there, 3 back
 
 
-def test_latent_map(trained, image_folder, tmp_path):
-    out = tmp_path / "map.png"
-    result = run_script("sample_vae.py", "--model", trained["model"], "--latent-map", image_folder, "--out", out)
-    assert result.returncode == 0, result.stderr[-2000:]
-    with Image.open(out) as figure:
-        assert figure.width > 500 and figure.height > 500
+def test_latent_map_positions_are_the_principal_components_whatever_the_seed(trained, image_folder, tmp_path):
+    mus = torch.randn(30, 4, 2, 2) * torch.linspace(0.1, 3, 16).view(1, 4, 2, 2)
+    flat = mus.flatten(1).double()
+    centred = flat - flat.mean(0)
+    _, vectors = torch.linalg.eigh(centred.T @ centred)  # eigenvalues ascending: the last two axes
+    independent = centred @ vectors[:, [-1, -2]]
+    positions = sample_vae.latent_positions(mus).double()
+    for axis in range(2):  # an axis has no sign of its own
+        assert torch.allclose(positions[:, axis].abs(), independent[:, axis].abs(), atol=1e-4)
+    outs = [tmp_path / "a.png", tmp_path / "b.png"]
+    for seed, out in zip((1, 2), outs):
+        result = run_script("sample_vae.py", "--model", trained["model"], "--latent-map", image_folder,
+                            "--seed", seed, "--out", out)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert outs[0].read_bytes() == outs[1].read_bytes()
 
 
 @pytest.mark.parametrize("args,phrase", [
@@ -99,7 +122,7 @@ def test_latent_map_of_a_folder_without_images(trained, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     result = run_script("sample_vae.py", "--model", trained["model"], "--latent-map", tmp_path / "empty")
-    assert_user_error(result, "no image files")
+    assert_user_error(result, "0 readable image(s)")
 
 
 def test_interpolate_with_a_missing_image(trained, image_folder, tmp_path):

@@ -6,11 +6,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
 
-from conftest import ROOT, HF_HOME, assert_user_error, blob_image, make_folder, run_script
-from vae_model import load_prior, load_vae
+import train_vae
+from conftest import ROOT, HF_HOME, assert_user_error, blob_image, make_folder, run_script, train_in_process
+from vae_model import VAE, atomic_write, load_prior, load_vae
 
 
 def read_metrics(results):
@@ -88,15 +91,8 @@ def test_folder_with_odd_images_trains_on_the_rest_and_counts_the_skipped(tmp_pa
     result = run_script("train_vae.py", "--data", folder, "--epochs", 1, "--image-size", 32, "--prior-steps", 0,
                         "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "skipped 2 file(s)" in result.stdout
+    assert "skipped 3 file(s)" in result.stdout  # broken.png, truncated.png and notes.txt
     assert "11 training and 1 validation images" in result.stdout
-
-
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, image_folder):
-    result = run_script("train_vae.py", "--data", image_folder, "--epochs", 3, "--image-size", 32, "--prior-steps", 0,
-                        "--lr", "1e30", "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
-    assert_user_error(result, "lower --lr", "--kl-weight")
-    assert not (tmp_path / "m.pth").exists()
 
 
 def test_amp_code_path_runs_on_the_cpu(tmp_path, image_folder):
@@ -107,18 +103,6 @@ def test_amp_code_path_runs_on_the_cpu(tmp_path, image_folder):
     assert "bfloat16 autocast" in result.stdout
     assert load_vae(tmp_path / "m.pth").image_size == 32
     assert load_prior(tmp_path / "m.pth").config["width"] == 8  # stage two ran under autocast too
-
-
-def test_amp_auto_follows_the_hardware_check(tmp_path, image_folder):
-    import train_vae
-    result = run_script("train_vae.py", "--data", image_folder, "--epochs", 1, "--image-size", 32,
-                        "--device", "cpu", "--prior-steps", 0, "--out", tmp_path / "m.pth",
-                        "--results-dir", tmp_path / "r")
-    assert result.returncode == 0, result.stderr[-2000:]
-    fast = train_vae.bf16_is_fast(torch.device("cpu"))
-    assert ("bfloat16 autocast" in result.stdout.splitlines()[0]) == fast
-    # Without a GPU and without --batch-size, the CPU's batch size is the one used.
-    assert f"batch {train_vae.CPU_BATCH_SIZE}" in result.stdout.splitlines()[0].split("(")[0]
 
 
 def test_augmentation_flips_rotates_and_keeps_uint8():
@@ -138,29 +122,209 @@ def test_augmentation_flips_rotates_and_keeps_uint8():
     assert rotated > 20
 
 
-def test_metrics_and_pictures_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
-    import train_vae
-    train_vae.write_metrics([{"epoch": 1, "val_psnr": 20.0}], tmp_path)
-    before = (tmp_path / "metrics.jsonl").read_text()
+# ------------------------------------------------------------------ exact resume, NaN, atomic saves
 
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt
+SMALL_RUN = ("--epochs", 5, "--image-size", 32, "--batch-size", 4, "--save-every", 100, "--prior-steps", 0,
+             "--device", "cpu", "--amp", "off", "--seed", 3)
+TIMING = ("images_per_s", "elapsed_s")
 
-    monkeypatch.setattr(train_vae.json, "dumps", crash)  # dies halfway through the rewrite
-    try:
-        train_vae.write_metrics([{"epoch": 1}, {"epoch": 2}], tmp_path)
-    except KeyboardInterrupt:
-        pass
-    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+def without_timing(rows):
+    return [{key: value for key, value in row.items() if key not in TIMING} for row in rows]
+
+
+def interrupt_in_epoch(monkeypatch, epoch_to_stop):
+    """Ctrl-C (a real SIGINT to this process) in the middle of one epoch, at a known epoch."""
+    real = train_vae.train_one_epoch
+
+    def epoch_with_ctrl_c(*args):
+        if args[-1] == epoch_to_stop:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+    monkeypatch.setattr(train_vae, "train_one_epoch", epoch_with_ctrl_c)
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, image_folder, monkeypatch):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train_in_process("--data", image_folder, *SMALL_RUN, "--results-dir", whole, "--out", whole / "m.pth") == 0
+    interrupt_in_epoch(monkeypatch, 3)
+    assert train_in_process("--data", image_folder, *SMALL_RUN, "--results-dir", parts, "--out", parts / "m.pth") == 130
+    assert torch.load(parts / "checkpoint.pth", weights_only=True)["epoch"] == 3  # the epoch under way ended
+    assert len(read_metrics(parts)) == 3 and not (parts / "m.pth").exists()
     monkeypatch.undo()
+    # The device and the prior's flags come from the resuming command line: keep them as before.
+    assert train_in_process("--resume", "--results-dir", parts, "--device", "cpu", "--prior-steps", 0) == 0
+    assert without_timing(read_metrics(parts)) == without_timing(read_metrics(whole))
+    a, b = load_vae(whole / "m.pth").state_dict(), load_vae(parts / "m.pth").state_dict()
+    assert all(torch.allclose(a[key], b[key], rtol=0, atol=1e-6) for key in a)
 
-    picture = tmp_path / "grid.png"
-    train_vae.save_png(torch.zeros(1, 3, 8, 8), picture)
-    good = picture.read_bytes()
-    import torchvision.utils
-    monkeypatch.setattr(torchvision.utils, "save_image", crash)
-    try:
-        train_vae.save_png(torch.ones(1, 3, 8, 8), picture)
-    except KeyboardInterrupt:
-        pass
-    assert picture.read_bytes() == good
+
+@pytest.mark.parametrize("what", ["loss", "weights"])
+def test_a_non_finite_loss_or_weight_in_epoch_3_keeps_the_checkpoint_of_epoch_2(tmp_path, image_folder,
+                                                                              monkeypatch, what):
+    real = train_vae.train_one_epoch
+
+    def epoch_that_diverges(model, *args):
+        mse, kl = real(model, *args)
+        if args[-1] != 3:
+            return mse, kl
+        if what == "weights":  # the loss of the epoch looked fine, but a weight is lost
+            next(model.parameters()).data[0] = float("nan")
+            return mse, kl
+        return float("nan"), kl
+    monkeypatch.setattr(train_vae, "train_one_epoch", epoch_that_diverges)
+    with pytest.raises(train_vae.UserError, match="lower --lr .* --kl-weight .*epoch 2 is kept"):
+        train_in_process("--data", image_folder, *SMALL_RUN, "--results-dir", tmp_path, "--out", tmp_path / "m.pth")
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert checkpoint["epoch"] == 2
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
+    assert [row["epoch"] for row in read_metrics(tmp_path)] == [1, 2]
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_a_diverging_run_says_what_to_do(tmp_path, image_folder):
+    result = run_script("train_vae.py", "--data", image_folder, "--epochs", 3, "--image-size", 32, "--prior-steps", 0,
+                        "--lr", "1e30", "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
+    assert_user_error(result, "lower --lr", "--kl-weight")
+    assert not (tmp_path / "m.pth").exists()
+
+
+def half_written(path, *args, **kwargs):
+    """A save that dies halfway: some bytes reach the file it was given, then it fails."""
+    with open(path, "wb") as file:
+        file.write(b"\x89PNG half a file")
+    raise OSError("disk full")
+
+
+def only_these_files(folder, *names):
+    return sorted(os.listdir(folder)) == sorted(names)
+
+
+def test_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"the good version")
+    with pytest.raises(OSError):
+        atomic_write(str(path), half_written)
+    assert path.read_bytes() == b"the good version" and only_these_files(tmp_path, "file.bin")
+
+
+def test_pictures_metrics_and_curve_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    rows = [{"epoch": 1, "train_mse": 9.0, "train_kl": 1.0, "val_loss": 9.5, "val_psnr": 20.0}]
+    train_vae.save_png(torch.zeros(2, 3, 8, 8), str(tmp_path / "grid.png"))
+    train_vae.write_metrics(rows, str(tmp_path))
+    train_vae.plot_loss_curve(rows, str(tmp_path))
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert sorted(before) == ["grid.png", "loss_curve.png", "metrics.jsonl"]
+
+    monkeypatch.setattr(train_vae, "save_image", lambda images, path, **options: half_written(path))
+    with pytest.raises(OSError):
+        train_vae.save_png(torch.ones(2, 3, 8, 8), str(tmp_path / "grid.png"))
+    monkeypatch.setattr(train_vae.plt.Figure, "savefig", lambda self, path, **options: half_written(path))
+    with pytest.raises(OSError):
+        train_vae.plot_loss_curve(rows * 2, str(tmp_path))
+    dumps = json.dumps
+
+    def dumps_until_row_2(row):  # the first row is already in the file when the second fails
+        if row["epoch"] == 2:
+            raise OSError("disk full")
+        return dumps(row)
+    monkeypatch.setattr(train_vae.json, "dumps", dumps_until_row_2)
+    with pytest.raises(OSError):
+        train_vae.write_metrics(rows + [{"epoch": 2}], str(tmp_path))
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before  # no .tmp either
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    path = tmp_path / "m.pth"
+    script = (f"import os, signal, torch, sys; sys.path.insert(0, {ROOT!r})\n"
+              "from vae_model import VAE, atomic_write, save_checkpoint, vae_checkpoint\n"
+              f"save_checkpoint(vae_checkpoint(VAE(32, 4, (8, 8, 8))), {str(path)!r})\n"
+              "def dies(tmp):\n"
+              "    open(tmp, 'wb').write(b'half')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"atomic_write({str(path)!r}, dies)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    assert load_vae(path).config["latent_channels"] == 4
+
+
+# ------------------------------------------------------------------ what is loaded
+
+def test_a_folder_loads_every_image_whatever_the_names(tmp_path):
+    """datasets' imagefolder would infer splits from these names and keep only "train"."""
+    names = ["test_1.png", "train_2.jpg", "my-validation.png", "eval_4.jpg", "valid.png", "dev_6.png",
+             "train/a.png", "train/b.jpg", "test/c.png", "validation/d.png", "deep/er/e.bmp", "x.gif"]
+    for i, name in enumerate(names):
+        os.makedirs(os.path.dirname(tmp_path / "data" / name), exist_ok=True)
+        blob_image(i).save(tmp_path / "data" / name)
+    (tmp_path / "data" / ".DS_Store").write_bytes(b"\0\1")  # a hidden file is not an image to count
+    folder = str(tmp_path / "data")
+    images = train_vae.load_images(train_vae.image_files(folder), 32, folder)
+    assert images.shape == (len(names), 3, 32, 32) and images.dtype == torch.uint8
+    result = run_script("train_vae.py", "--data", folder, "--epochs", 1, "--image-size", 32, "--prior-steps", 0,
+                        "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "11 training and 1 validation images" in result.stdout and "skipped" not in result.stdout
+
+
+def test_a_table_with_the_hub_data_sets_schema_loads_through_the_hub_path(tmp_path, monkeypatch):
+    """svjack/pokemon-blip-captions-en-zh is a table of encoded image bytes next to text columns.
+    A copy of that schema, saved locally, goes through the very code that reads the Hub's."""
+    import datasets
+    import io as bytes_io
+    pictures = [blob_image(i, (40 + i, 30)) for i in range(5)]
+    encoded = []
+    for picture in pictures:
+        buffer = bytes_io.BytesIO()
+        picture.save(buffer, format="PNG")
+        encoded.append({"bytes": buffer.getvalue(), "path": None})
+    encoded.append({"bytes": b"not an image at all", "path": None})  # one corrupt row: skipped
+    table = datasets.Dataset.from_dict(
+        {"image": encoded, "text": ["a pokemon"] * 6, "zh_text": ["宝可梦"] * 6},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                    "zh_text": datasets.Value("string")}))
+    os.makedirs(tmp_path / "hub" / "data")
+    table.to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    load_dataset = datasets.load_dataset
+    asked = []
+
+    def from_the_local_copy(name, split):
+        asked.append((name, split))
+        return load_dataset(str(tmp_path / "hub"), split=split)
+    monkeypatch.setattr(train_vae, "hub_reachable", lambda: True)
+    monkeypatch.setattr(train_vae.datasets, "load_dataset", from_the_local_copy)
+    files = train_vae.image_files(train_vae.DATASET)
+    assert asked == [(train_vae.DATASET, "train")]
+    images = train_vae.load_images(files, 32, train_vae.DATASET)
+    expected = torch.stack([pil_to_tensor(train_vae.to_square(picture, 32)) for picture in pictures])
+    assert torch.equal(images, expected)
+
+
+def test_bad_input_creates_no_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for data in (tmp_path / "nope", tmp_path / "empty"):
+        result = run_script("train_vae.py", "--data", data, "--results-dir", tmp_path / "r", "--out", tmp_path / "m.pth",
+                            cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+    assert only_these_files(tmp_path, "empty")
+
+
+# ------------------------------------------------------------------ mixed precision, for what it does
+
+@pytest.mark.parametrize("amp", ["on", "off", "auto"])
+def test_amp_runs_the_model_in_bfloat16_exactly_when_it_says_so(tmp_path, image_folder, monkeypatch, capsys, amp):
+    dtypes = []
+
+    class Recording(VAE):
+        def forward(self, x):
+            recon, mu, log_var = super().forward(x)
+            dtypes.append(recon.dtype)
+            return recon, mu, log_var
+    monkeypatch.setattr(train_vae, "VAE", Recording)
+    assert train_in_process("--data", image_folder, "--epochs", 1, "--image-size", 32, "--batch-size", 6,
+                            "--device", "cpu", "--amp", amp, "--prior-steps", 0,
+                            "--results-dir", tmp_path, "--out", tmp_path / "m.pth") == 0
+    said_bf16 = "bfloat16 autocast" in capsys.readouterr().out.splitlines()[0]
+    assert set(dtypes) == {torch.bfloat16 if said_bf16 else torch.float32}
+    if amp != "auto":
+        assert said_bf16 == (amp == "on")
