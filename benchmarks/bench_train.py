@@ -1,11 +1,11 @@
 """
-Time-to-quality benchmark: the seed project's recipe against this project's, same budget.
+Time-to-quality benchmark: the original project's recipe (the baseline) against this project's, same budget.
 
     python benchmarks/bench_train.py --data ../shared/pokemon --image-size 128 --minutes 10
 
 Each recipe trains for the same wall-clock budget in its own process (so peak memory is its
 own), with its one-cycle schedule planned for the steps that fit in that budget, on the same
-train/validation split. Both are evaluated on the same validation tensors, prepared the seed's
+train/validation split. Both are evaluated on the same validation tensors, prepared the baseline's
 way (a plain, aspect-distorting resize: less white border, the harder test). Prints a
 Markdown table.
 
@@ -13,7 +13,7 @@ A model trained by train_vae.py is scored on the same validation tensors with
 
     python benchmarks/bench_train.py --data ../shared/pokemon --evaluate vae_model.pth
 
-The ablation in the README runs variants of the project's recipe the same way, e.g.
+Variants of the project's recipe (an ablation) run the same way, e.g.
 
     python benchmarks/bench_train.py --data ../shared/pokemon --minutes 3 \
         --recipes project project:norm=batch project:up=transpose project:res=off
@@ -36,14 +36,14 @@ sys.path.insert(0, ROOT)
 import train_vae  # noqa: E402
 from vae_model import VAE, CheckpointError, ResBlock, load_vae, psnr, vae_loss  # noqa: E402
 
-KL_WEIGHT = 0.1   # the seed's objective: summed MSE + 0.1 x KL
+KL_WEIGHT = 0.1   # the baseline's objective: summed MSE + 0.1 x KL
 
 
 # ---------------------------------------------------------------------------------------
-# The seed's recipe, rebuilt from its description (a baseline, not the project's model)
+# The baseline: the original project's recipe, rebuilt from its description
 # ---------------------------------------------------------------------------------------
 
-class SeedVAE(nn.Module):
+class BaselineVAE(nn.Module):
     def __init__(self, latent=4):
         super().__init__()
         def down(i, o):
@@ -68,8 +68,8 @@ class SeedVAE(nn.Module):
         return self.decode(VAE.reparameterize(mu, log_var)), mu, log_var
 
 
-class SeedFiles(torch.utils.data.Dataset):
-    """Decodes every image from its file on every access, as the seed does."""
+class BaselineFiles(torch.utils.data.Dataset):
+    """Decodes every image from its file on every access, as the baseline does."""
 
     def __init__(self, paths, transform):
         self.paths, self.transform = paths, transform
@@ -81,7 +81,7 @@ class SeedFiles(torch.utils.data.Dataset):
         return self.transform(train_vae.open_rgb(self.paths[i]))
 
 
-def seed_transforms(size, augment):
+def baseline_transforms(size, augment):
     from torchvision import transforms as T
     steps = [T.Resize((size, size))]
     if augment:
@@ -101,8 +101,8 @@ def file_split(folder, val_fraction=train_vae.VAL_FRACTION, seed=train_vae.SEED)
     return paths[n_val:], paths[:n_val]
 
 
-def batches_seed(paths, size, batch_size, augment=None):
-    loader = torch.utils.data.DataLoader(SeedFiles(paths, seed_transforms(size, True)),
+def batches_baseline(paths, size, batch_size, augment=None):
+    loader = torch.utils.data.DataLoader(BaselineFiles(paths, baseline_transforms(size, True)),
                                          batch_size=batch_size, shuffle=True, num_workers=0)
     while True:
         yield from loader
@@ -140,17 +140,17 @@ def ablate(model, options):
 
 def recipe(spec, size):
     """Model, batch size, learning rate, warm-up share, batch source, loss and autocast flag of
-    one recipe. `spec` is "seed", "project", or "project:key=value,..." for an ablation of the
+    one recipe. `spec` is "baseline", "project", or "project:key=value,..." for an ablation of the
     project's recipe, with keys lr, batch, amp (on/off), rotation (degrees), channels (e.g.
     32/64/128), latent (latent channels), norm=batch, up=transpose, res=off (see ablate)."""
     name, _, options = spec.partition(":")
-    if name == "seed":
-        model = SeedVAE()
-        def loss_fn(recon, x, mu, log_var):  # summed over the whole batch, as the seed does
+    if name == "baseline":
+        model = BaselineVAE()
+        def loss_fn(recon, x, mu, log_var):  # summed over the whole batch, as the baseline does
             mse = F.mse_loss(recon, x, reduction="sum")
             kl = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp())
             return mse + KL_WEIGHT * kl
-        return model, 8, 1e-3, 0.3, batches_seed, loss_fn, False, None  # 0.3: OneCycleLR's default
+        return model, 8, 1e-3, 0.3, batches_baseline, loss_fn, False, None  # 0.3: OneCycleLR's default
     o = dict(item.split("=") for item in options.split(",") if item)
     channels = [int(c) for c in o.get("channels", "/".join(map(str, train_vae.CHANNELS))).split("/")]
     latent = int(o.get("latent", train_vae.LATENT_CHANNELS))
@@ -175,8 +175,8 @@ def evaluate(model, val):
 
 
 def validation_tensors(data, size):
-    """The held-out images of file_split, stretched to size x size the seed's way, in [-1, 1]."""
-    transform = seed_transforms(size, False)
+    """The held-out images of file_split, stretched to size x size the baseline's way, in [-1, 1]."""
+    transform = baseline_transforms(size, False)
     return torch.stack([transform(train_vae.open_rgb(p)) for p in file_split(data)[1]])
 
 
@@ -252,8 +252,8 @@ def main():
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--minutes", type=float, default=10.0, help="training budget of each recipe")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recipes", nargs="+", default=["seed", "project"],
-                   help='"seed", "project", or an ablation such as "project:lr=2e-3,amp=off"')
+    p.add_argument("--recipes", nargs="+", default=["baseline", "project"],
+                   help='"baseline", "project", or an ablation such as "project:lr=2e-3,amp=off"')
     p.add_argument("--evaluate", metavar="MODEL",
                    help="instead of training, score a model saved by train_vae.py on the same validation images")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one recipe, print JSON

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
 def test_bench_train_prints_one_row_per_recipe(image_folder):
-    recipes = ["seed", "project", "project:norm=batch,up=transpose,res=off"]
+    recipes = ["baseline", "project", "project:norm=batch,up=transpose,res=off"]
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"),
                              "--data", image_folder, "--image-size", "32", "--minutes", "0.05",
                              "--recipes", *recipes], capture_output=True, text=True, timeout=300)

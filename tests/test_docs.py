@@ -34,3 +34,30 @@ def test_readme_documents_every_flag(script):
         documented = set(re.findall(r"--[a-z][a-z-]*", file.read()))
     missing = {flag for flag in flags(script) if flag not in documented and not flag.startswith("--no-")}
     assert not missing, f"{script.__name__}.py flags the README never names: {sorted(missing)}"
+
+
+def readme_flag_table():
+    """{flag: default cell} from the README's table of train_vae.py flags."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as file:
+        lines = file.read().split("| flag | default | meaning |\n|---|---|---|\n", 1)[1].split("\n\n", 1)[0]
+    rows = [[cell.strip().strip("`") for cell in line.strip("|").split("|")] for line in lines.splitlines()]
+    return {flag: default for flag, default, *_ in rows}
+
+
+def test_readme_flag_table_gives_the_defaults_of_parse_args():
+    table, defaults = readme_flag_table(), vars(train_vae.parse_args([]))
+    assert set(table) == flags(train_vae) - {"--no-compile"}
+    for flag, cell in table.items():
+        key = flag[2:].replace("-", "_")
+        value = defaults[key]
+        if value is None:  # filled in by the device: the GPU's constant, then the CPU's
+            gpu, cpu = getattr(train_vae, key.upper()), getattr(train_vae, "CPU_" + key.upper())
+            assert cell == f"{gpu} with a GPU, {cpu} without", flag
+        elif isinstance(value, bool):
+            assert cell == ("on" if value else "off"), flag
+        elif isinstance(value, list):
+            assert cell == ",".join(map(str, value)), flag
+        elif isinstance(value, (int, float)):
+            assert float(cell) == value, flag
+        else:
+            assert cell == value, flag
