@@ -155,9 +155,9 @@ def split(images, fraction, seed):
 
 def make_augment(rotation=ROTATION):
     """Random flip, rotation and light colour jitter (no hue shift: a blue Pikachu is no Pikachu).
-    Called on a batch, a v2 transform draws one flip, angle and shift for all of it, much cheaper
-    than one call per image; batches are reshuffled every epoch, so an image still meets a new
-    one each time it is seen."""
+    Called on a batch, a v2 transform draws one flip, angle and shift for all of it, cheaper than
+    one call per image (benchmarks/README.md); batches are reshuffled every epoch, so an image
+    still meets a new one each time it is seen."""
     return v2.Compose([v2.RandomHorizontalFlip(),
                        v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=255),
                        v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1)])
@@ -183,7 +183,7 @@ def pick_device(name):
 
 def bf16_is_fast(device):
     """bfloat16 autocast pays off on a GPU with bf16 and on a CPU with AMX matrix tiles; other
-    CPUs emulate bf16, slower than float32 (benchmarks/README.md), so "auto" leaves it off."""
+    CPUs have no bf16 matrix unit and would emulate it, so there "auto" leaves it off."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private helper: guard it
