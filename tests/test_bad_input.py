@@ -26,12 +26,14 @@ def test_data_folder_without_readable_images(tmp_path):
         (folder / f"x{i}.png").write_bytes(os.urandom(300))
     result = run_script("train_vae.py", "--data", folder, "--results-dir", tmp_path / "r")
     assert_user_error(result, "0 readable image")
+    assert sorted(os.listdir(tmp_path)) == ["bad"]  # no results folder for a run that never started
 
 
 def test_hub_unreachable_fails_fast(tmp_path):
     result = run_script("train_vae.py", "--data", "someone/some-dataset", "--results-dir", tmp_path / "r",
                         env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, timeout=60)
     assert_user_error(result, "cannot reach the Hugging Face Hub", "--data")
+    assert not (tmp_path / "r").exists()
 
 
 def test_hub_data_set_that_does_not_exist(tmp_path):

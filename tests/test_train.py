@@ -97,7 +97,7 @@ def test_folder_with_odd_images_trains_on_the_rest_and_counts_the_skipped(tmp_pa
 
 def test_amp_code_path_runs_on_the_cpu(tmp_path, image_folder):
     result = run_script("train_vae.py", "--data", image_folder, "--epochs", 1, "--image-size", 32,
-                        "--amp", "on", "--prior-steps", 5, "--prior-width", 8,
+                        "--device", "cpu", "--amp", "on", "--prior-steps", 5, "--prior-width", 8,
                         "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bfloat16 autocast" in result.stdout
@@ -184,7 +184,7 @@ def test_a_non_finite_loss_or_weight_in_epoch_3_keeps_the_checkpoint_of_epoch_2(
 
 def test_a_diverging_run_says_what_to_do(tmp_path, image_folder):
     result = run_script("train_vae.py", "--data", image_folder, "--epochs", 3, "--image-size", 32, "--prior-steps", 0,
-                        "--lr", "1e30", "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
+                        "--device", "cpu", "--lr", "1e30", "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
     assert_user_error(result, "lower --lr", "--kl-weight")
     assert not (tmp_path / "m.pth").exists()
 
