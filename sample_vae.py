@@ -35,7 +35,7 @@ GENERATED_PATH = "vae_results/generated.png"      # grid of --generate
 INTERPOLATION_PATH = "vae_results/interpolation.png"  # strip of --interpolate (GIF beside it)
 LATENT_MAP_PATH = "vae_results/latent_map.png"    # figure of --latent-map
 STEPS = 10                                        # points on the line of --interpolate
-SAMPLE_STEPS = 50                                 # denoising steps of the learned prior
+SAMPLE_STEPS = 200                                # denoising steps of the learned prior
 SEED = 0                                          # seeds the latents drawn by --generate
 # -----------------------------------------------------------------------------------------------
 
