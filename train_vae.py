@@ -78,7 +78,7 @@ def image_files(source):
                             "or pass another --data")
         return files
     if os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise UserError(f"the data folder {source} does not exist; "
+        raise UserError(f"the data folder {source} {'is a file' if os.path.exists(source) else 'does not exist'}; "
                         "pass --data with an existing folder of images or a Hub data set name")
     if not hub_reachable():
         raise UserError(f"cannot reach the Hugging Face Hub to download {source}; "

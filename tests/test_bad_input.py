@@ -14,6 +14,11 @@ def test_data_folder_missing(tmp_path):
     assert_user_error(run_script("train_vae.py", "--data", tmp_path / "nope"), "does not exist", "--data")
 
 
+def test_data_is_a_file(tmp_path):
+    (tmp_path / "one.png").write_bytes(b"")
+    assert_user_error(run_script("train_vae.py", "--data", tmp_path / "one.png"), "is a file", "folder of images")
+
+
 def test_data_folder_empty(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_user_error(run_script("train_vae.py", "--data", tmp_path / "empty"), "no image files")
