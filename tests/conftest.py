@@ -65,12 +65,12 @@ def assert_user_error(result, *phrases):
     return message
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def image_folder(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("images"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def trained(tmp_path_factory, image_folder):
     """train_vae.py at 32 px for 2 epochs and a small learned prior, run from an empty
     working folder."""

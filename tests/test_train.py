@@ -159,20 +159,26 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, image_folder, monke
     assert all(torch.allclose(a[key], b[key], rtol=0, atol=1e-6) for key in a)
 
 
-@pytest.mark.parametrize("what", ["loss", "weights"])
+@pytest.mark.parametrize("what", ["train loss", "val loss", "weights"])
 def test_a_non_finite_loss_or_weight_in_epoch_3_keeps_the_checkpoint_of_epoch_2(tmp_path, image_folder,
                                                                               monkeypatch, what):
-    real = train_vae.train_one_epoch
+    """Each check on its own: the other numbers of epoch 3 are made to look fine."""
+    real_epoch, real_evaluate, epochs, last_good = train_vae.train_one_epoch, train_vae.evaluate, [], {}
 
     def epoch_that_diverges(model, *args):
-        mse, kl = real(model, *args)
-        if args[-1] != 3:
-            return mse, kl
-        if what == "weights":  # the loss of the epoch looked fine, but a weight is lost
+        mse, kl = real_epoch(model, *args)
+        epochs.append(args[-1])
+        if args[-1] == 3 and what == "weights":
             next(model.parameters()).data[0] = float("nan")
-            return mse, kl
-        return float("nan"), kl
+        return (float("nan") if args[-1] == 3 and what == "train loss" else mse), kl
+
+    def evaluation_that_looks_fine(*args):
+        if epochs[-1] != 3:
+            last_good.update(real_evaluate(*args))
+            return dict(last_good)
+        return {**last_good, "val_loss": float("nan")} if what == "val loss" else dict(last_good)
     monkeypatch.setattr(train_vae, "train_one_epoch", epoch_that_diverges)
+    monkeypatch.setattr(train_vae, "evaluate", evaluation_that_looks_fine)
     with pytest.raises(train_vae.UserError, match="lower --lr .* --kl-weight .*epoch 2 is kept"):
         train_in_process("--data", image_folder, *SMALL_RUN, "--results-dir", tmp_path, "--out", tmp_path / "m.pth")
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
