@@ -3,6 +3,7 @@ the code."""
 import argparse
 import os
 import re
+import subprocess
 
 import pytest
 
@@ -61,3 +62,25 @@ def test_readme_flag_table_gives_the_defaults_of_parse_args():
             assert float(cell) == value, flag
         else:
             assert cell == value, flag
+
+
+@pytest.mark.parametrize("readme", ["README.md", "benchmarks/README.md"])
+def test_every_picture_and_file_a_readme_links_to_is_in_the_repository(readme):
+    """A picture or link to a file that is not committed shows as broken on GitHub, so it
+    must be among the files git tracks, not merely on this disk."""
+    try:
+        listing = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:  # no git on this machine
+        listing = None
+    if listing is None or listing.returncode != 0:
+        pytest.skip("not a git checkout (a downloaded archive): nothing to compare with")
+    tracked = set(listing.stdout.splitlines())
+    folder = os.path.dirname(readme)
+    with open(os.path.join(ROOT, readme), encoding="utf-8") as file:
+        targets = re.findall(r"\]\(([^)#\s]+)", file.read())
+    local = [target for target in targets if "://" not in target]
+    assert local, f"{readme} links to no file at all"
+    missing = [target for target in local
+               if os.path.normpath(os.path.join(folder, target)) not in tracked
+               and not any(path.startswith(os.path.normpath(os.path.join(folder, target)) + "/") for path in tracked)]
+    assert not missing, f"{readme} links to files git does not track: {missing}"
