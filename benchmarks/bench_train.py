@@ -4,7 +4,7 @@ Time-to-quality benchmark: the original project's recipe (the baseline) against 
     python benchmarks/bench_train.py --data ../shared/pokemon --image-size 128 --minutes 10
 
 Each recipe trains for the same wall-clock budget in its own process (so peak memory is its
-own), with its one-cycle schedule planned for the steps that fit in that budget, on the same
+own), with its one-cycle schedule stretched over that budget, on the same
 train/validation split. Both are evaluated on the same validation tensors, prepared the baseline's
 way (a plain, aspect-distorting resize: less white border, the harder test). Prints a
 Markdown table.
@@ -20,6 +20,7 @@ Variants of the project's recipe (an ablation) run the same way, e.g.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -37,6 +38,7 @@ import train_vae  # noqa: E402
 from vae_model import VAE, CheckpointError, ResBlock, load_vae, psnr, vae_loss  # noqa: E402
 
 KL_WEIGHT = 0.1   # the baseline's objective: summed MSE + 0.1 x KL
+WARMUP_STEPS = 5  # untimed steps before the clock starts
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,6 +182,20 @@ def validation_tensors(data, size):
     return torch.stack([transform(train_vae.open_rgb(p)) for p in file_split(data)[1]])
 
 
+def one_cycle(fraction, lr, warmup):
+    """The learning rate and Adam's beta1 of OneCycleLR with its defaults (the schedule
+    train_vae.py uses), at a fraction of the time budget instead of a fraction of a step count:
+    a count planned from the first seconds' step rate came out too low on a VM whose speed
+    drifts, and the recipe then stopped minutes early. Cosine from lr / 25 up to lr over
+    `warmup` while beta1 falls from 0.95 to 0.85, then down to lr / 25e4 while beta1 rises."""
+    if fraction < warmup:
+        p, (lr_from, lr_to), (b_from, b_to) = fraction / warmup, (lr / 25, lr), (0.95, 0.85)
+    else:
+        p, (lr_from, lr_to), (b_from, b_to) = (fraction - warmup) / (1 - warmup), (lr, lr / 25e4), (0.85, 0.95)
+    c = (1 + math.cos(math.pi * p)) / 2
+    return lr_to + (lr_from - lr_to) * c, b_to + (b_from - b_to) * c
+
+
 def run_recipe(name, data, size, minutes, seed):
     torch.manual_seed(seed)
     train_paths, _ = file_split(data)
@@ -188,49 +204,40 @@ def run_recipe(name, data, size, minutes, seed):
     source = batches(train_paths, size, batch_size, augment)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
 
-    def step(x, scheduler=None):
+    def step(x):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             recon, mu, log_var = model(x)
         loss = loss_fn(recon, x, mu, log_var)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if scheduler:
-            scheduler.step()
 
-    # Warm up and measure: FLOPs of one step, then the step rate that plans the schedule.
+    # Warm up: the FLOPs of one step, then a few steps that pay one-time costs (kernel
+    # selection, first allocations) before the clock starts; they do not count.
     x = next(source)
     with FlopCounterMode(display=False) as counter:
         step(x)
     flops_per_step = counter.get_total_flops()
-    # The rate is measured over 5% of the budget (at least 20 steps, at most a minute): over
-    # 20 steps alone it came out up to 25% low on a shared VM, and the recipe then finished
-    # its schedule minutes before the budget was up.
-    measured, tick = 0, time.perf_counter()
-    while measured < 20 or time.perf_counter() - tick < min(60.0, 0.05 * minutes * 60):
+    for _ in range(WARMUP_STEPS):
         step(next(source))
-        measured += 1
-    rate = measured / (time.perf_counter() - tick)
-    # 5% fewer steps than the measured rate allows: a long run is a little slower than its
-    # first steps, and a schedule cut off before it anneals would handicap the recipe.
-    planned = max(10, int(0.95 * rate * minutes * 60))
-    model.load_state_dict(recipe(name, size)[0].state_dict())  # the warm-up steps do not count
+    model.load_state_dict(recipe(name, size)[0].state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=planned,
-                                                    pct_start=warmup)
 
     model.train()
     data_time, steps, started = 0.0, 0, time.perf_counter()
-    deadline = started + minutes * 60
-    while steps < planned and time.perf_counter() < deadline:
+    budget = minutes * 60
+    while (fraction := (time.perf_counter() - started) / budget) < 1:
+        for group in optimizer.param_groups:
+            group["lr"], beta1 = one_cycle(fraction, lr, warmup)
+            group["betas"] = (beta1, group["betas"][1])
         tick = time.perf_counter()
         x = next(source)
         data_time += time.perf_counter() - tick
-        step(x, scheduler)
+        step(x)
         steps += 1
     seconds = time.perf_counter() - started
     return {"recipe": name, "amp": amp, "images_per_s": steps * batch_size / seconds,
-            "epochs": steps * batch_size / len(train_paths), "steps": steps, "planned_steps": planned,
+            "epochs": steps * batch_size / len(train_paths), "steps": steps,
             "seconds": seconds, "data_wait_fraction": data_time / seconds,
             "gflops": flops_per_step * steps / seconds / 1e9,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
