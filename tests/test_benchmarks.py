@@ -1,5 +1,6 @@
 """The time-to-quality benchmark runs end to end on a tiny budget, so the README's tables
 can be re-made, and its ablation switches change what they say."""
+import ast
 import math
 import re
 import os
@@ -25,6 +26,12 @@ def test_bench_train_prints_one_row_per_recipe(image_folder):
         cells = [cell.strip().rstrip("%") for cell in row.split("|")[3:-1]]
         cells = [cell for cell in cells if cell != "n/a"]  # bf16 share, where bf16 is emulated
         assert len(cells) >= 9 and all(math.isfinite(float(cell)) for cell in cells), row
+    # Each recipe trains for its whole budget, and its schedule has annealed by the end of it.
+    runs = [ast.literal_eval(line[len("done: "):]) for line in result.stderr.splitlines() if line.startswith("done: ")]
+    assert [run["recipe"] for run in runs] == recipes
+    for run in runs:
+        assert 0.05 * 60 <= run["seconds"] < 0.05 * 60 + 5, run
+        assert run["last_lr"] < 0.05 * run["peak_lr"], run
 
 
 def test_bench_train_evaluates_a_trained_model(image_folder, trained):
