@@ -14,6 +14,7 @@ import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.transforms import v2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train_vae import CPU_BATCH_SIZE, LATENT_CHANNELS, make_augment  # noqa: E402
@@ -81,7 +82,6 @@ def main():
                          + ["torch.compile"] * compile_)
         print(f"| {name} | {speed:.1f} | {gflops:.0f} | {warm_up:.1f} |")
 
-    from torchvision.transforms import v2
     print("\n| augmentation (uint8 tensor, per image) | ms |\n|---|---|")
     for name, transform in [
         ("RandomHorizontalFlip", v2.RandomHorizontalFlip()),

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms as T  # the baseline's v1 transforms, as it used them
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -84,7 +86,6 @@ class BaselineFiles(torch.utils.data.Dataset):
 
 
 def baseline_transforms(size, augment):
-    from torchvision import transforms as T
     steps = [T.Resize((size, size))]
     if augment:
         steps += [T.RandomHorizontalFlip(), T.RandomRotation(10), T.ColorJitter(0.2, 0.2, 0.2, 0.1)]
@@ -111,7 +112,6 @@ def batches_baseline(paths, size, batch_size, augment=None):
 
 
 def batches_project(paths, size, batch_size, augment):
-    from torchvision.transforms.v2.functional import pil_to_tensor
     images = torch.stack([pil_to_tensor(train_vae.to_square(train_vae.open_rgb(p), size)) for p in paths])
     while True:
         order = torch.randperm(len(images))
