@@ -4,10 +4,9 @@ Time-to-quality benchmark: the original project's recipe (the baseline) against 
     python benchmarks/bench_train.py --data ../shared/pokemon --image-size 128 --minutes 10
 
 Each recipe trains for the same wall-clock budget in its own process (so peak memory is its
-own), with its one-cycle schedule stretched over that budget, on the same
-train/validation split. Both are evaluated on the same validation tensors, prepared the baseline's
-way (a plain, aspect-distorting resize: less white border, the harder test). Prints a
-Markdown table.
+own), with its one-cycle schedule stretched over that budget, on the same train/validation
+split. Both are evaluated on the same validation tensors, prepared the baseline's way (a plain,
+aspect-distorting resize: less white border, the harder test). Prints a Markdown table.
 
 A model trained by train_vae.py is scored on the same validation tensors with
 
