@@ -314,20 +314,25 @@ def train_prior(model, images, augment, args, device, stop):
     step's (as in every diffusion model since Ho et al. 2020), or None after Ctrl-C."""
     generator = torch.Generator().manual_seed(args.seed)
     model.eval()
+
+    def encode(batch):
+        return model.encode(to_model_range(batch).contiguous(memory_format=torch.channels_last))[0].float()
+
+    picks = [pick for _ in range(args.prior_copies) for pick in torch.randperm(len(images), generator=generator).split(8)]
     with torch.no_grad():  # small batches, each with its own flip and angle
-        mus = torch.cat([model.encode(to_model_range(augment(images[pick].to(device))).contiguous(
-            memory_format=torch.channels_last))[0].float() for _ in range(args.prior_copies)
-            for pick in torch.randperm(len(images), generator=generator).split(8)])
-    # Conditioned on one of a few clusters of codes, the prior learns a colour scheme per
-    # cluster; sampling then draws a cluster first, so each figure keeps to one scheme instead
-    # of a patchwork of several Pokémon's colours. The clusters group the codes by their mean
-    # over each quarter of the image: roughly which colours sit where.
+        mus = torch.cat([encode(augment(images[pick].to(device))) for pick in picks])
+    # Told which of a few clusters of Pokémon a code comes from, the prior learns a colour
+    # scheme per cluster; sampling then draws a cluster first, so that each figure keeps to one
+    # scheme instead of a patchwork of several Pokémon's. The clusters group the training
+    # images by their code's mean over each quarter of the image (roughly which colours sit
+    # where), and every augmented copy of an image belongs to the image's cluster.
     clusters = sizes = None
     if args.prior_clusters:
-        quarters = F.adaptive_avg_pool2d(mus, 2).flatten(1)
-        k = min(args.prior_clusters, len(mus))
-        clusters = kmeans((quarters - quarters.mean(0)) / quarters.std(0).clamp_min(1e-6), k, generator)
-        sizes = torch.bincount(clusters, minlength=k)
+        with torch.no_grad():
+            quarters = torch.cat([F.adaptive_avg_pool2d(encode(batch.to(device)), 2).flatten(1) for batch in images.split(32)])
+        k = min(args.prior_clusters, len(images))
+        image_clusters = kmeans((quarters - quarters.mean(0)) / quarters.std(0).clamp_min(1e-6), k, generator)
+        clusters, sizes = image_clusters[torch.cat(picks).to(device)], torch.bincount(image_clusters, minlength=k)
     prior = LatentPrior(args.latent_channels, args.prior_width, mus.mean((0, 2, 3)), mus.std((0, 2, 3)),
                         0 if sizes is None else len(sizes), sizes).to(device)
     ema = torch.optim.swa_utils.AveragedModel(
