@@ -165,7 +165,7 @@ def generate(model, args, device, show):
         mean, std = torch.zeros(shape, device=device), torch.ones(shape, device=device)
     z = draw_latents(args.generate, mean, std, args.seed)
     if prior is not None:  # the learned prior turns that noise into a latent, step by step
-        z = sample_prior(prior, z, args.sample_steps, torch.Generator().manual_seed(args.seed))
+        z = sample_prior(prior, z, args.sample_steps)
     print(f"{args.generate} samples from the {name} prior")
     save_grid(model.decode(z), args.out or GENERATED_PATH, min(8, args.generate), show)
 

@@ -21,7 +21,6 @@ import urllib.parse
 import datasets
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -55,7 +54,6 @@ PRIOR_BATCH_SIZE = 32     # latents per step of the prior
 PRIOR_LR = 1e-3           # learning rate of the prior, decayed to 0 along a cosine
 PRIOR_WIDTH = 64          # channels of the prior's U-Net at the latent's resolution
 PRIOR_COPIES = 8          # augmented copies of each training image encoded for the prior
-PRIOR_CLUSTERS = 16       # clusters of codes the prior is conditioned on; 0 for none
 MODEL_PATH = "vae_model.pth"   # where the final model (config + weights) is written
 RESULTS_DIR = "vae_results"    # grids, metrics.jsonl, loss curve, resumable checkpoint
 # -----------------------------------------------------------------------------------------------
@@ -314,27 +312,11 @@ def train_prior(model, images, augment, args, device, stop):
     step's (as in every diffusion model since Ho et al. 2020), or None after Ctrl-C."""
     generator = torch.Generator().manual_seed(args.seed)
     model.eval()
-
-    def encode(batch):
-        return model.encode(to_model_range(batch).contiguous(memory_format=torch.channels_last))[0].float()
-
-    picks = [pick for _ in range(args.prior_copies) for pick in torch.randperm(len(images), generator=generator).split(8)]
     with torch.no_grad():  # small batches, each with its own flip and angle
-        mus = torch.cat([encode(augment(images[pick].to(device))) for pick in picks])
-    # Told which of a few clusters of Pokémon a code comes from, the prior learns a colour
-    # scheme per cluster; sampling then draws a cluster first, so that each figure keeps to one
-    # scheme instead of a patchwork of several Pokémon's. The clusters group the training
-    # images by their code's mean over each quarter of the image (roughly which colours sit
-    # where), and every augmented copy of an image belongs to the image's cluster.
-    clusters = sizes = None
-    if args.prior_clusters:
-        with torch.no_grad():
-            quarters = torch.cat([F.adaptive_avg_pool2d(encode(batch.to(device)), 2).flatten(1) for batch in images.split(32)])
-        k = min(args.prior_clusters, len(images))
-        image_clusters = kmeans((quarters - quarters.mean(0)) / quarters.std(0).clamp_min(1e-6), k, generator)
-        clusters, sizes = image_clusters[torch.cat(picks).to(device)], torch.bincount(image_clusters, minlength=k)
-    prior = LatentPrior(args.latent_channels, args.prior_width, mus.mean((0, 2, 3)), mus.std((0, 2, 3)),
-                        0 if sizes is None else len(sizes), sizes).to(device)
+        mus = torch.cat([model.encode(to_model_range(augment(images[pick].to(device))).contiguous(
+            memory_format=torch.channels_last))[0].float() for _ in range(args.prior_copies)
+            for pick in torch.randperm(len(images), generator=generator).split(8)])
+    prior = LatentPrior(args.latent_channels, args.prior_width, mus.mean((0, 2, 3)), mus.std((0, 2, 3))).to(device)
     ema = torch.optim.swa_utils.AveragedModel(
         prior, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, weight_decay=1e-4)
@@ -344,7 +326,7 @@ def train_prior(model, images, augment, args, device, stop):
             return None
         pick = torch.randint(len(mus), (args.prior_batch_size,), generator=generator).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_amp):
-            loss = prior_loss(prior, mus[pick], None if clusters is None else clusters[pick])
+            loss = prior_loss(prior, mus[pick])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -353,20 +335,6 @@ def train_prior(model, images, augment, args, device, stop):
     if not math.isfinite(loss.item()):
         raise UserError(f"the prior's loss became {loss.item()}; lower --prior-lr (now {args.prior_lr})")
     return ema.module.eval()
-
-
-def kmeans(points, k, generator, iterations=20):
-    """Lloyd's algorithm; returns each point's cluster, 0 to k - 1. It starts as k-means++ does
-    (Arthur and Vassilvitskii 2007): each new centre is a point drawn with odds in proportion to
-    its squared distance from the centres so far, which spreads them over the groups."""
-    centres = points[torch.randint(len(points), (1,), generator=generator).to(points.device)]
-    while len(centres) < k:
-        odds = torch.cdist(points, centres).min(1).values.pow(2).cpu() + 1e-12
-        centres = torch.cat([centres, points[torch.multinomial(odds, 1, generator=generator).to(points.device)]])
-    for _ in range(iterations):
-        labels = torch.cdist(points, centres).argmin(1)
-        centres = torch.stack([points[labels == j].mean(0) if (labels == j).any() else centres[j] for j in range(k)])
-    return labels
 
 
 # --- The run ------------------------------------------------------------------------------------------
@@ -460,8 +428,7 @@ def train(args):
         checkpoint["prior"]["seconds"] = time.perf_counter() - tick  # for benchmarks/bench_samples.py
         save_checkpoint(checkpoint, args.out)
         with torch.no_grad():
-            save_png(model.decode(sample_prior(prior, noise, generator=torch.Generator().manual_seed(args.seed))),
-                     f"{args.results_dir}/samples_learned_prior.png")
+            save_png(model.decode(sample_prior(prior, noise)), f"{args.results_dir}/samples_learned_prior.png")
         print(f"learned prior done in {(time.perf_counter() - tick) / 60:.1f} min; saved with the VAE to {args.out}")
     print(f"pictures and metrics in {args.results_dir}/")
     return 0
@@ -515,8 +482,6 @@ def parse_args(argv=None):
                    default=PRIOR_WIDTH, help="channels of the prior's U-Net")
     p.add_argument("--prior-copies", type=positive_int, default=PRIOR_COPIES,
                    help="augmented copies of each training image encoded for the prior")
-    p.add_argument("--prior-clusters", type=checked(int, lambda v: v >= 0, "zero or a positive whole number"),
-                   default=PRIOR_CLUSTERS, help="clusters of codes the prior is conditioned on; 0 for none")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", default=MODEL_PATH, help="where to save the final model")

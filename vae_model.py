@@ -198,25 +198,17 @@ class Attention(nn.Module):
 class LatentPrior(nn.Module):
     """A two-level U-Net over the latent image that predicts v = alpha * noise - sigma * z0
     from a noised latent z_t = alpha * z0 + sigma * noise. Predicting v rather than the
-    noise stays well-posed at both ends of the schedule (Salimans and Ho 2022).
+    noise stays well-posed at both ends of the schedule (Salimans and Ho 2022)."""
 
-    With clusters > 0 it also hears which of that many clusters of codes the latent belongs
-    to (see train_vae.train_prior), and cluster_sizes says how often each one occurs."""
-
-    def __init__(self, latent_channels=8, width=64, latent_mean=None, latent_std=None, clusters=0, cluster_sizes=None):
+    def __init__(self, latent_channels=8, width=64, latent_mean=None, latent_std=None):
         super().__init__()
-        self.config = dict(latent_channels=latent_channels, width=width, clusters=clusters)
+        self.config = dict(latent_channels=latent_channels, width=width)
         # The codes are standardised per channel, so that noise of std 1 drowns them fully.
         shape = (1, latent_channels, 1, 1)
         self.register_buffer("latent_mean", torch.zeros(shape) if latent_mean is None else latent_mean.view(shape))
         self.register_buffer("latent_std", torch.ones(shape) if latent_std is None else latent_std.view(shape))
         w, t = width, 4 * width
         self.time = nn.Sequential(nn.Linear(w, t), nn.SiLU(), nn.Linear(t, t))
-        self.cluster = None
-        if clusters:  # a learned vector per cluster, added to the noise level's: every block hears both
-            self.cluster = nn.Embedding(clusters, t)
-            nn.init.zeros_(self.cluster.weight)  # it starts as the prior without clusters
-            self.register_buffer("cluster_sizes", torch.ones(clusters) if cluster_sizes is None else cluster_sizes.float())
         self.inp = nn.Conv2d(latent_channels, w, 3, padding=1)
         self.down = nn.ModuleList([DenoiserBlock(w, w, t), DenoiserBlock(w, w, t)])       # h x w
         self.downsample = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
@@ -233,8 +225,8 @@ class LatentPrior(nn.Module):
         angles = 1000.0 * t[:, None] * frequencies[None]
         return self.time(torch.cat([angles.sin(), angles.cos()], dim=1))
 
-    def forward(self, z_t, t, cluster=None):
-        e = self.embed_time(t) + (self.cluster(cluster) if self.cluster is not None else 0)
+    def forward(self, z_t, t):
+        e = self.embed_time(t)
         h = self.inp(z_t)
         for block in self.down:
             h = block(h, e)
@@ -256,7 +248,7 @@ def noise_schedule(t):
     return torch.cos(angle).view(-1, 1, 1, 1), torch.sin(angle).view(-1, 1, 1, 1)
 
 
-def prior_loss(prior, z0, cluster=None):
+def prior_loss(prior, z0):
     """Mean squared error of the predicted v at a random noise level per latent. A mean, not
     a sum: this is a regression loss, with no likelihood to balance it against."""
     z0 = (z0 - prior.latent_mean) / prior.latent_std
@@ -264,24 +256,19 @@ def prior_loss(prior, z0, cluster=None):
     alpha, sigma = noise_schedule(t)
     noise = torch.randn_like(z0)
     v = alpha * noise - sigma * z0
-    return F.mse_loss(prior(alpha * z0 + sigma * noise, t, cluster), v)
+    return F.mse_loss(prior(alpha * z0 + sigma * noise, t), v)
 
 
 @torch.no_grad()
-def sample_prior(prior, noise, steps=200, generator=None):
+def sample_prior(prior, noise, steps=200):
     """Turn noise (B, latent, h, w) into latents of the first stage in `steps` deterministic
     DDIM steps: at each step, estimate the clean latent and the noise from v, then re-mix
-    them at the next, lower noise level. A prior with clusters first draws one per sample,
-    each as often as it occurred in training (with `generator`, a CPU torch.Generator)."""
-    cluster = None
-    if prior.cluster is not None:
-        sizes = prior.cluster_sizes.float().cpu()
-        cluster = torch.multinomial(sizes, len(noise), replacement=True, generator=generator).to(noise.device)
+    them at the next, lower noise level."""
     z = noise
     times = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
     for t, t_next in zip(times[:-1], times[1:]):
         alpha, sigma = noise_schedule(t.expand(len(z)))
-        v = prior(z, t.expand(len(z)), cluster)
+        v = prior(z, t.expand(len(z)))
         z0, eps = alpha * z - sigma * v, sigma * z + alpha * v
         alpha_next, sigma_next = noise_schedule(t_next.expand(len(z)))
         z = alpha_next * z0 + sigma_next * eps

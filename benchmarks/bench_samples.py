@@ -147,8 +147,7 @@ def priors(model, prior, train_images, args):
     rows["PCA Gaussian"] = (time.perf_counter() - tick, draw)
     if prior is not None:
         rows["learned prior (chosen)"] = (
-            prior.seconds, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps,
-                                                     torch.Generator().manual_seed(g.initial_seed())))
+            prior.seconds, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps))
     return rows
 
 

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 import sample_vae
-import train_vae
 from conftest import HF_HOME, ROOT, assert_user_error, grid_pixels, run_script
 from vae_model import LatentPrior, load_prior, load_vae, prior_loss, sample_prior, vae_checkpoint
 
@@ -62,64 +61,9 @@ def test_a_trained_prior_prefers_its_training_latents():
     assert mean_loss(latents) < 0.7 * mean_loss(others)
 
 
-def test_kmeans_puts_each_separated_group_in_a_cluster_of_its_own():
-    generator = torch.Generator().manual_seed(0)
-    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    points = centres.repeat_interleave(20, 0) + torch.randn(60, 2, generator=generator)
-    labels = train_vae.kmeans(points, 3, torch.Generator().manual_seed(1))
-    per_blob = [set(labels[i * 20:(i + 1) * 20].tolist()) for i in range(3)]
-    assert all(len(group) == 1 for group in per_blob) and len(set.union(*per_blob)) == 3
-
-
-def test_a_prior_with_clusters_hears_them():
-    """Two groups of latents, each with its own cluster: the trained prior's loss is lower
-    when it is told the right cluster than when it is told the other one."""
-    torch.manual_seed(0)
-    latents = torch.cat([torch.randn(1, 4, 4, 4) + 2, torch.randn(1, 4, 4, 4) - 2])
-    labels = torch.tensor([0, 1])
-    prior = LatentPrior(4, 32, latents.mean((0, 2, 3)), latents.std((0, 2, 3)), clusters=2,
-                        cluster_sizes=torch.tensor([1, 1]))
-    optimizer = torch.optim.Adam(prior.parameters(), lr=2e-3)
-    for _ in range(300):
-        loss = prior_loss(prior, latents.repeat(16, 1, 1, 1), labels.repeat(16))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    prior.eval()
-
-    def mean_loss(cluster):
-        torch.manual_seed(1)  # the same noise levels and noise for both
-        with torch.no_grad():
-            return sum(prior_loss(prior, latents.repeat(64, 1, 1, 1), cluster.repeat(64)).item() for _ in range(5)) / 5
-
-    assert mean_loss(labels) < 0.7 * mean_loss(1 - labels)
-
-
-def test_sampling_draws_clusters_as_often_as_they_occurred():
-    prior = LatentPrior(4, 16, clusters=3, cluster_sizes=torch.tensor([0, 30, 10]))
-    heard = []
-    prior.cluster.register_forward_hook(lambda module, inputs, output: heard.append(inputs[0]))
-    z = sample_prior(prior, torch.randn(400, 4, 2, 2), steps=2, generator=torch.Generator().manual_seed(0))
-    assert z.shape == (400, 4, 2, 2) and len(heard) == 2 and torch.equal(heard[0], heard[1])
-    counts = torch.bincount(heard[0], minlength=3)
-    assert counts[0] == 0 and 0.65 < counts[1] / 400 < 0.85  # 3 in 4 expected
-
-
-def test_a_prior_saved_without_clusters_still_loads(trained, tmp_path):
-    """A checkpoint from before the prior had clusters: its config has no 'clusters' key."""
-    checkpoint = torch.load(trained["model"], weights_only=True)
-    old = LatentPrior(8, 16)
-    checkpoint["prior"] = {"config": {"latent_channels": 8, "width": 16}, "model": old.state_dict()}
-    torch.save(checkpoint, tmp_path / "old_prior.pth")
-    prior = load_prior(tmp_path / "old_prior.pth")
-    assert prior.cluster is None and sample_prior(prior, torch.randn(2, 8, 4, 4), steps=2).shape == (2, 8, 4, 4)
-
-
 def test_training_saves_the_prior_with_the_model(trained):
     prior = load_prior(trained["model"])
-    # 16 clusters asked for, but there are only 11 training images: one cluster each.
-    assert isinstance(prior, LatentPrior) and prior.config == {"latent_channels": 8, "width": 16, "clusters": 11}
-    assert torch.equal(prior.cluster_sizes, torch.ones(11))
+    assert isinstance(prior, LatentPrior) and prior.config == {"latent_channels": 8, "width": 16}
     checkpoint = torch.load(trained["model"], weights_only=True)
     assert checkpoint["prior"]["seconds"] > 0
     # The prior's standardisation comes from the encoder's codes, not the zeros it starts with.
@@ -139,7 +83,7 @@ def test_generate_uses_the_learned_prior_by_default(trained, tmp_path):
     model, prior = load_vae(trained["model"]), load_prior(trained["model"])
     noise = torch.randn(5, 8, 4, 4, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        expected = grid_pixels(model.decode(sample_prior(prior, noise, 7, torch.Generator().manual_seed(4))), nrow=5)
+        expected = grid_pixels(model.decode(sample_prior(prior, noise, steps=7)), nrow=5)
     with Image.open(out) as grid:
         written = np.asarray(grid.convert("RGB")).astype(int)
     assert np.abs(written - expected).max() <= 1
@@ -192,7 +136,7 @@ def test_prior_that_does_not_fit_its_config(trained, tmp_path):
 
 @pytest.mark.parametrize("flag,value,phrase", [
     ("--prior-steps", "-1", "zero or a positive"), ("--prior-width", "20", "multiple of 8"),
-    ("--prior-lr", "0", "positive"), ("--prior-copies", "0", "positive"), ("--prior-clusters", "-2", "zero or a"),
+    ("--prior-lr", "0", "positive"), ("--prior-copies", "0", "positive"),
 ])
 def test_bad_prior_flags(tmp_path, flag, value, phrase):
     assert_user_error(run_script("train_vae.py", flag, value, "--results-dir", tmp_path / "r"), phrase)
