@@ -158,6 +158,7 @@ def main():
     p.add_argument("--data", default="../shared/pokemon", help="the folder the model was trained on")
     p.add_argument("--val-fraction", type=float, default=train_vae.VAL_FRACTION)
     p.add_argument("--seed", type=int, default=train_vae.SEED, help="the training run's --seed (its split)")
+    p.add_argument("--draw-seed", type=int, default=0, help="seeds the samples every prior draws")
     p.add_argument("--samples", type=int, default=SAMPLES)
     p.add_argument("--sample-steps", type=int, default=sample_vae.SAMPLE_STEPS)
     p.add_argument("--grids", metavar="FOLDER", help="also save 16 samples of every row here")
@@ -190,7 +191,7 @@ def main():
     print(row("real latents (reconstructions)", recon, "", f"{time.perf_counter() - tick:.1f}"))
     for name, (fit_s, draw) in priors(model, prior, train_images, args).items():
         tick = time.perf_counter()
-        z = draw(args.samples, torch.Generator().manual_seed(args.seed))
+        z = draw(args.samples, torch.Generator().manual_seed(args.draw_seed))
         samples = torch.cat([model.decode(part) for part in z.split(64)])
         print(row(name, samples, f"{fit_s:.1f}", f"{time.perf_counter() - tick:.1f}"))
         if args.grids:

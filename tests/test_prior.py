@@ -208,6 +208,20 @@ def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
         assert (copy == 0) == (name == "real training images (floor)"), row
     assert len(os.listdir(tmp_path)) == 4
 
+    # Another --draw-seed draws other samples from every prior, against the same real images.
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
+                            "--model", str(trained["model"]), "--data", image_folder, "--samples", "16",
+                            "--val-fraction", "0.3", "--sample-steps", "3", "--draw-seed", "1"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    def distances(row):
+        return row.split("|")[2:5]
+
+    rows_again = [line for line in again.stdout.splitlines() if line.startswith("| ") and "distance" not in line]
+    assert [distances(row) for row in rows_again[:2]] == [distances(row) for row in rows[:2]]
+    assert all(distances(a) != distances(b) for a, b in zip(rows_again[2:], rows[2:]))
+
 
 def test_bench_samples_names_a_missing_model(image_folder, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
