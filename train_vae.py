@@ -212,14 +212,16 @@ def settings(args, device, checkpoint_path):
                   + ", ".join("--" + key.replace("_", "-") for key in ignored))
         args = argparse.Namespace(**{**vars(args), **resumed["args"], **fresh})
     cpu = device.type != "cuda"
+    unset = ["--" + key.replace("_", "-") for key in ("image_size", "epochs", "batch_size")
+             if getattr(args, key) is None]
     args.image_size = args.image_size or (CPU_IMAGE_SIZE if cpu else IMAGE_SIZE)
     args.epochs = args.epochs or (CPU_EPOCHS if cpu else EPOCHS)
     args.batch_size = args.batch_size or (CPU_BATCH_SIZE if cpu else BATCH_SIZE)
     args.use_amp = args.amp == "on" or (args.amp == "auto" and bf16_is_fast(device))
     print(f"device {device}: {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}"
           + (", bfloat16 autocast" if args.use_amp else "") + (", torch.compile" if args.compile else "")
-          + (f" (CPU defaults instead of the GPU's {IMAGE_SIZE} px, {EPOCHS} epochs, batch {BATCH_SIZE})"
-             if cpu else ""))
+          + (f" (CPU defaults for {', '.join(unset)}; with a GPU: {IMAGE_SIZE} px, {EPOCHS} epochs, batch {BATCH_SIZE})"
+             if cpu and unset else ""))
     return args, resumed
 
 

@@ -34,7 +34,15 @@ def test_training_writes_model_grids_metrics_and_curve(trained):
             image.verify()
     with Image.open(results / "recon_epoch_002.png") as grid:  # originals above reconstructions
         assert grid.height == 2 * 32 + 3 * 2
-    assert "CPU defaults" in trained["stdout"]
+    assert "CPU defaults" not in trained["stdout"]  # it passed --image-size, --epochs and --batch-size
+
+
+@pytest.mark.parametrize("flags, named", [([], "--image-size, --epochs, --batch-size"),
+                                          (["--image-size", "32", "--epochs", "2"], "--batch-size")])
+def test_the_first_line_names_the_cpu_defaults_it_used(flags, named, capsys, tmp_path):
+    args, _ = train_vae.settings(train_vae.parse_args(flags), torch.device("cpu"), tmp_path / "checkpoint.pth")
+    assert args.batch_size == train_vae.CPU_BATCH_SIZE
+    assert f"(CPU defaults for {named}; with a GPU: 512 px, 200 epochs, batch 8)" in capsys.readouterr().out
 
 
 def test_scripts_write_only_under_the_paths_their_flags_name(trained):
