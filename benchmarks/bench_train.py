@@ -181,6 +181,18 @@ def validation_tensors(data, size):
     return torch.stack([transform(train_vae.open_rgb(p)) for p in file_split(data)[1]])
 
 
+def one_cycle(optimizer, lr, warmup):
+    """train_vae.py's OneCycleLR, stretched over the time budget instead of a step count: a count
+    planned from the first seconds' step rate comes out wrong when the machine's speed drifts."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=TICKS + 1, pct_start=warmup)
+
+
+def follow_clock(scheduler, fraction):
+    """Advance the schedule to `fraction` of the time budget, however many steps that skips."""
+    while scheduler.last_epoch < int(fraction * TICKS):
+        scheduler.step()
+
+
 def run_recipe(name, data, size, minutes, seed):
     torch.manual_seed(seed)
     train_paths, _ = file_split(data)
@@ -211,12 +223,9 @@ def run_recipe(name, data, size, minutes, seed):
     model.train()
     data_time, steps, peak_lr, started = 0.0, 0, 0.0, time.perf_counter()
     budget = minutes * 60
-    # train_vae.py's OneCycleLR, stretched over the time budget instead of a step count: a count
-    # planned from the first seconds' step rate comes out wrong when the machine's speed drifts.
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=TICKS + 1, pct_start=warmup)
+    scheduler = one_cycle(optimizer, lr, warmup)
     while (fraction := (time.perf_counter() - started) / budget) < 1:
-        while scheduler.last_epoch < int(fraction * TICKS):
-            scheduler.step()
+        follow_clock(scheduler, fraction)
         peak_lr = max(peak_lr, optimizer.param_groups[0]["lr"])
         tick = time.perf_counter()
         x = next(source)
