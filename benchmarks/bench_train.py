@@ -221,12 +221,11 @@ def run_recipe(name, data, size, minutes, seed):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
 
     model.train()
-    data_time, steps, peak_lr, started = 0.0, 0, 0.0, time.perf_counter()
+    data_time, steps, started = 0.0, 0, time.perf_counter()
     budget = minutes * 60
     scheduler = one_cycle(optimizer, lr, warmup)
     while (fraction := (time.perf_counter() - started) / budget) < 1:
         follow_clock(scheduler, fraction)
-        peak_lr = max(peak_lr, optimizer.param_groups[0]["lr"])
         tick = time.perf_counter()
         x = next(source)
         data_time += time.perf_counter() - tick
@@ -234,9 +233,7 @@ def run_recipe(name, data, size, minutes, seed):
         steps += 1
     seconds = time.perf_counter() - started
     return {"recipe": name, "amp": amp, "images_per_s": steps * batch_size / seconds,
-            "epochs": steps * batch_size / len(train_paths), "steps": steps,
-            "lr": lr, "peak_lr": peak_lr, "last_lr": optimizer.param_groups[0]["lr"],
-            "seconds": seconds, "data_wait_fraction": data_time / seconds,
+            "epochs": steps * batch_size / len(train_paths), "steps": steps, "lr": lr, "seconds": seconds, "data_wait_fraction": data_time / seconds,
             "gflops": flops_per_step * steps / seconds / 1e9,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             **evaluate(model, val)}

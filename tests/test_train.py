@@ -42,7 +42,8 @@ def test_training_writes_model_grids_metrics_and_curve(trained):
 def test_the_first_line_names_the_cpu_defaults_it_used(flags, named, capsys, tmp_path):
     args, _ = train_vae.settings(train_vae.parse_args(flags), torch.device("cpu"), tmp_path / "checkpoint.pth")
     assert args.batch_size == train_vae.CPU_BATCH_SIZE
-    assert f"(CPU defaults for {named}; with a GPU: 512 px, 200 epochs, batch 8)" in capsys.readouterr().out
+    gpu = f"{train_vae.IMAGE_SIZE} px, {train_vae.EPOCHS} epochs, batch {train_vae.BATCH_SIZE}"
+    assert f"(CPU defaults for {named}; with a GPU: {gpu})" in capsys.readouterr().out
 
 
 def test_scripts_write_only_under_the_paths_their_flags_name(trained):
