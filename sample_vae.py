@@ -158,8 +158,6 @@ def generate(model, args, device, show):
     shape = (model.config["latent_channels"], side, side)
     name, prior = pick_prior(args, device)
     if name == "data":
-        if not args.data:
-            raise UserError("--prior data needs --data with a folder of images to fit it to")
         mean, std = fit_data_prior(model, load_folder(args.data, model.image_size).to(device))
     else:
         mean, std = torch.zeros(shape, device=device), torch.ones(shape, device=device)
@@ -240,6 +238,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error(f"argument --steps: needs at least 2 points (the two ends), got {args.steps}")
+    if args.prior and not args.generate:  # said, not ignored: the user expects the flag to do something
+        p.error("argument --prior: only --generate draws from a prior; add --generate N")
+    if args.prior == "data" and not args.data:
+        p.error("argument --prior: data needs --data FOLDER, the images to fit it to")
+    if args.data and args.prior != "data":
+        p.error("argument --data: only --prior data uses it (the images it is fitted to); "
+                "add --prior data or drop --data")
     return args
 
 

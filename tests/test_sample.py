@@ -112,7 +112,9 @@ def test_latent_map_positions_are_the_principal_components_whatever_the_seed(tra
 @pytest.mark.parametrize("args,phrase", [
     (["--generate", "0"], "positive"),
     (["--interpolate", "a.png", "b.png", "--steps", "1"], "at least 2"),
-    (["--generate", "4", "--prior", "data"], "needs --data"),
+    (["--generate", "4", "--prior", "data"], "data needs --data"),
+    (["--prior", "normal"], "only --generate draws from a prior"),  # would reconstruct, ignoring it
+    (["--generate", "4", "--data", "."], "only --prior data uses it"),  # would draw from the learned prior
 ])
 def test_bad_mode_arguments(trained, args, phrase):
     assert_user_error(run_script("sample_vae.py", "--model", trained["model"], *args), phrase)
