@@ -32,12 +32,12 @@ from vae_model import (VAE, CheckpointError, LatentPrior, atomic_write, load_che
 
 # -----------------------------------------------------------------------------------------------
 DATASET = "svjack/pokemon-blip-captions-en-zh"  # Hub data set name, or a local folder of images
-IMAGE_SIZE = 512          # px, side of the square training image (with a GPU)
-EPOCHS = 200              # passes over the training images (with a GPU)
-CPU_IMAGE_SIZE = 128      # px, used instead of IMAGE_SIZE when there is no GPU
-CPU_EPOCHS = 80           # used instead of EPOCHS when there is no GPU
-BATCH_SIZE = 8            # images per optimizer step (with a GPU)
-CPU_BATCH_SIZE = 2        # used instead of BATCH_SIZE when there is no GPU: more, smaller steps
+IMAGE_SIZE = 512          # px, side of the square training image (with a CUDA GPU)
+EPOCHS = 200              # passes over the training images (with a CUDA GPU)
+CPU_IMAGE_SIZE = 128      # px, used instead of IMAGE_SIZE without a CUDA GPU (CPU, Apple GPU)
+CPU_EPOCHS = 80           # used instead of EPOCHS without a CUDA GPU
+BATCH_SIZE = 8            # images per optimizer step (with a CUDA GPU)
+CPU_BATCH_SIZE = 2        # used instead of BATCH_SIZE without a CUDA GPU: more, smaller steps
 LEARNING_RATE = 2e-3      # peak learning rate of the one-cycle schedule
 WARMUP = 0.3              # share of the steps in which the learning rate climbs to its peak
 KL_WEIGHT = 0.2           # weight of the KL term against the summed reconstruction error
@@ -192,7 +192,7 @@ def bf16_is_fast(device):
 
 def settings(args, device, checkpoint_path):
     """The run's settings: a resumed run's own, else the flags, with the CPU defaults without a
-    GPU (512 px costs 16x the work per image of 128 px: far beyond a CPU's hour)."""
+    CUDA GPU (512 px costs 16x the work per image of 128 px: far beyond a laptop's hour)."""
     resumed = None
     if args.resume:
         try:
@@ -220,8 +220,8 @@ def settings(args, device, checkpoint_path):
     args.use_amp = args.amp == "on" or (args.amp == "auto" and bf16_is_fast(device))
     print(f"device {device}: {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}"
           + (", bfloat16 autocast" if args.use_amp else "") + (", torch.compile" if args.compile else "")
-          + (f" (CPU defaults for {', '.join(unset)}; with a GPU: {IMAGE_SIZE} px, {EPOCHS} epochs, batch {BATCH_SIZE})"
-             if cpu and unset else ""))
+          + (f" (CPU defaults for {', '.join(unset)}; with a CUDA GPU: {IMAGE_SIZE} px, {EPOCHS} epochs, "
+             f"batch {BATCH_SIZE})" if cpu and unset else ""))
     return args, resumed
 
 
@@ -458,11 +458,12 @@ fraction = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a convolutional VAE on Pokémon images, then a learned prior.")
     p.add_argument("--data", default=DATASET, help="Hub data set name or local image folder")
-    p.add_argument("--epochs", type=positive_int, help=f"default {EPOCHS} with a GPU, {CPU_EPOCHS} without")
+    p.add_argument("--epochs", type=positive_int, help=f"default {EPOCHS} with a CUDA GPU, {CPU_EPOCHS} without")
     p.add_argument("--image-size", type=checked(int, lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 "
                    "(the encoder halves the image three times)"),
-                   help=f"px, a multiple of 8; default {IMAGE_SIZE} with a GPU, {CPU_IMAGE_SIZE} without")
-    p.add_argument("--batch-size", type=positive_int, help=f"default {BATCH_SIZE} with a GPU, {CPU_BATCH_SIZE} without")
+                   help=f"px, a multiple of 8; default {IMAGE_SIZE} with a CUDA GPU, {CPU_IMAGE_SIZE} without")
+    p.add_argument("--batch-size", type=positive_int,
+                   help=f"default {BATCH_SIZE} with a CUDA GPU, {CPU_BATCH_SIZE} without")
     p.add_argument("--lr", type=positive_float, default=LEARNING_RATE, help="peak learning rate")
     p.add_argument("--warmup", type=fraction, default=WARMUP, help="share of the steps spent warming up")
     p.add_argument("--kl-weight", type=checked(float, lambda v: v >= 0, "zero or positive"), default=KL_WEIGHT)

@@ -53,7 +53,7 @@ def test_readme_flag_table_gives_the_defaults_of_parse_args():
         value = defaults[key]
         if value is None:  # filled in by the device: the GPU's constant, then the CPU's
             gpu, cpu = getattr(train_vae, key.upper()), getattr(train_vae, "CPU_" + key.upper())
-            assert cell == f"{gpu} with a GPU, {cpu} without", flag
+            assert cell == f"{gpu} with a CUDA GPU, {cpu} without", flag
         elif isinstance(value, bool):
             assert cell == ("on" if value else "off"), flag
         elif isinstance(value, list):

@@ -37,13 +37,14 @@ def test_training_writes_model_grids_metrics_and_curve(trained):
     assert "CPU defaults" not in trained["stdout"]  # it passed --image-size, --epochs and --batch-size
 
 
+@pytest.mark.parametrize("device", ["cpu", "mps"])  # an Apple GPU gets the laptop's defaults too
 @pytest.mark.parametrize("flags, named", [([], "--image-size, --epochs, --batch-size"),
                                           (["--image-size", "32", "--epochs", "2"], "--batch-size")])
-def test_the_first_line_names_the_cpu_defaults_it_used(flags, named, capsys, tmp_path):
-    args, _ = train_vae.settings(train_vae.parse_args(flags), torch.device("cpu"), tmp_path / "checkpoint.pth")
+def test_the_first_line_names_the_cpu_defaults_it_used(device, flags, named, capsys, tmp_path):
+    args, _ = train_vae.settings(train_vae.parse_args(flags), torch.device(device), tmp_path / "checkpoint.pth")
     assert args.batch_size == train_vae.CPU_BATCH_SIZE
     gpu = f"{train_vae.IMAGE_SIZE} px, {train_vae.EPOCHS} epochs, batch {train_vae.BATCH_SIZE}"
-    assert f"(CPU defaults for {named}; with a GPU: {gpu})" in capsys.readouterr().out
+    assert f"(CPU defaults for {named}; with a CUDA GPU: {gpu})" in capsys.readouterr().out
 
 
 def test_scripts_write_only_under_the_paths_their_flags_name(trained):
