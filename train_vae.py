@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -385,8 +386,12 @@ def train(args):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print("\nCtrl-C: stopping after this epoch (press it again to stop at once)", file=sys.stderr)
     signal.signal(signal.SIGINT, on_ctrl_c)
-    resume = "python train_vae.py --resume" + (f" --results-dir {args.results_dir}" if args.results_dir != RESULTS_DIR
-                                               else "")
+    # The command that continues this run. A resumed VAE keeps its settings, but the prior takes
+    # the flags of the new command line, so this run's own are repeated in it.
+    defaults = vars(parse_args([]))
+    resume = " ".join(["python train_vae.py --resume"] + [
+        f"--{key.replace('_', '-')} {shlex.quote(str(value))}" for key, value in vars(args).items()
+        if (key == "results_dir" or key.startswith("prior_")) and value != defaults.get(key, value)])
     started = time.perf_counter() - (metrics[-1]["elapsed_s"] if metrics else 0.0)
     for epoch in range(saved_epoch + 1, args.epochs + 1):
         tick = time.perf_counter()

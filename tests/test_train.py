@@ -1,6 +1,7 @@
 """train_vae.py end to end, as a subprocess on generated images."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -68,19 +69,20 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_epochs(tmp_path, image_folder
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
-    assert "--resume" in stderr
     stopped = torch.load(results / "checkpoint.pth", weights_only=True)["epoch"]
     assert 2 <= stopped < 60
     assert not (tmp_path / "m.pth").exists()
 
-    # Flags that would change the run are named and ignored, never silently dropped.
-    result = run_script("train_vae.py", "--resume", "--results-dir", results, "--epochs", 5, "--lr", 0.5,
-                        "--prior-steps", 0)
+    # The command it prints continues the run as started, --prior-steps 0 included (the prior
+    # takes the flags of the new command line); flags that would change the VAE are named and ignored.
+    command = shlex.split(stderr.split("continue with `")[1].split("`")[0])
+    assert command[:3] == ["python", "train_vae.py", "--resume"], stderr[-2000:]
+    result = run_script("train_vae.py", *command[2:], "--epochs", 5, "--lr", 0.5)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ignoring --epochs, --lr" in result.stdout
     assert f"resuming after epoch {stopped} of 60" in result.stdout
     assert [row["epoch"] for row in read_metrics(results)] == list(range(1, 61))
-    assert load_vae(tmp_path / "m.pth").image_size == 32
+    assert load_vae(tmp_path / "m.pth").image_size == 32 and load_prior(tmp_path / "m.pth") is None
 
 
 def test_folder_with_odd_images_trains_on_the_rest_and_counts_the_skipped(tmp_path):
