@@ -23,8 +23,8 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import make_grid
 
-from train_vae import (UserError, image_files, load_images, open_rgb, pick_device, positive_int, save_png,
-                       to_model_range, to_square)
+from train_vae import (UserError, checked, image_files, load_images, open_rgb, pick_device, positive_int,
+                       save_png, to_model_range, to_square)
 from vae_model import CheckpointError, atomic_write, load_prior, load_vae, psnr, sample_prior, vae_loss
 
 # -----------------------------------------------------------------------------------------------
@@ -36,6 +36,7 @@ INTERPOLATION_PATH = "vae_results/interpolation.png"  # strip of --interpolate (
 LATENT_MAP_PATH = "vae_results/latent_map.png"    # figure of --latent-map
 STEPS = 10                                        # points on the line of --interpolate
 SAMPLE_STEPS = 200                                # denoising steps of the learned prior
+GUIDANCE = 1.5                                    # autoguidance of the learned prior by its guide; 1: off
 SEED = 0                                          # seeds the latents drawn by --generate
 # -----------------------------------------------------------------------------------------------
 
@@ -137,34 +138,37 @@ def draw_latents(n, mean, std, seed):
 
 
 def pick_prior(args, device):
-    """The learned prior stored with the model, or None where the user asked for another prior
-    or the checkpoint has none (it then falls back to N(0, I), with a note)."""
+    """(name, learned prior, its guide): the learned prior stored with the model, or None where
+    the user asked for another prior or the checkpoint has none (it then falls back to
+    N(0, I), with a note). The guide is None in a model trained with --prior-guide-steps 0."""
     if args.prior not in (None, "learned"):
-        return args.prior, None
+        return args.prior, None, None
     prior = load_model(args.model, device, loader=load_prior)
     if prior is not None:
-        return "learned", prior
+        return "learned", prior, load_model(args.model, device, loader=lambda path, map_location: load_prior(
+            path, map_location, name="guide"))
     if args.prior == "learned":
         raise UserError(f"{args.model} holds no learned prior; train one with `python train_vae.py` "
                         "(its stage two) or pass --prior normal or --prior data")
     print(f"note: {args.model} holds no learned prior (trained with --prior-steps 0 or by an older version); "
           "sampling from N(0, I) instead")
-    return "normal", None
+    return "normal", None, None
 
 
 @torch.no_grad()
 def generate(model, args, device, show):
     side = model.image_size // 8
     shape = (model.config["latent_channels"], side, side)
-    name, prior = pick_prior(args, device)
+    name, prior, guide = pick_prior(args, device)
     if name == "data":
         mean, std = fit_data_prior(model, load_folder(args.data, model.image_size).to(device))
     else:
         mean, std = torch.zeros(shape, device=device), torch.ones(shape, device=device)
     z = draw_latents(args.generate, mean, std, args.seed)
     if prior is not None:  # the learned prior turns that noise into a latent, step by step
-        z = sample_prior(prior, z, args.sample_steps)
-    print(f"{args.generate} samples from the {name} prior")
+        z = sample_prior(prior, z, args.sample_steps, guide, args.guidance)
+    guided = guide is not None and args.guidance != 1
+    print(f"{args.generate} samples from the {name} prior" + (f", autoguidance {args.guidance:g}" if guided else ""))
     save_grid(model.decode(z), args.out or GENERATED_PATH, min(8, args.generate), show)
 
 
@@ -232,6 +236,8 @@ def parse_args(argv=None):
                    "stored with the model (the default), from N(0, I), or from a Gaussian fitted to --data")
     p.add_argument("--sample-steps", type=positive_int, default=SAMPLE_STEPS,
                    help="denoising steps of the learned prior")
+    p.add_argument("--guidance", type=checked(float, lambda v: v >= 1, "a number of at least 1 (1 turns it off)"),
+                   default=GUIDANCE, help="autoguidance of the learned prior by its smaller guide")
     p.add_argument("--data", metavar="FOLDER", help="images to fit --prior data to")
     p.add_argument("--steps", type=int, default=STEPS, help="points on the --interpolate line, at least 2")
     p.add_argument("--seed", type=int, default=SEED)

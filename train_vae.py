@@ -55,6 +55,8 @@ PRIOR_BATCH_SIZE = 32     # latents per step of the prior
 PRIOR_LR = 1e-3           # learning rate of the prior, decayed to 0 along a cosine
 PRIOR_WIDTH = 64          # channels of the prior's U-Net at the latent's resolution
 PRIOR_COPIES = 8          # augmented copies of each training image encoded for the prior
+PRIOR_GUIDE_STEPS = 1000  # optimizer steps of the prior's smaller guide (autoguidance); 0 skips it
+PRIOR_GUIDE_WIDTH = 32    # channels of the guide's U-Net
 MODEL_PATH = "vae_model.pth"   # where the final model (config + weights) is written
 RESULTS_DIR = "vae_results"    # grids, metrics.jsonl, loss curve, resumable checkpoint
 # -----------------------------------------------------------------------------------------------
@@ -311,20 +313,33 @@ def train_prior(model, images, augment, args, device, stop):
     encoder reads flipped and rotated Pokémon too, and more codes keep the prior from learning
     the training set by heart). Means, not samples z ~ q(z|x): the posterior's noise is about as
     large as the means' spread, and a prior of samples would spend itself on noise the decoder
-    ignores. Returns a moving average of the weights, which samples more cleanly than the last
-    step's (as in every diffusion model since Ho et al. 2020), or None after Ctrl-C."""
+    ignores. Then the same for the guide, smaller and shorter. Returns (prior, guide or None),
+    or None after Ctrl-C."""
     generator = torch.Generator().manual_seed(args.seed)
     model.eval()
     with torch.no_grad():  # small batches, each with its own flip and angle
         mus = torch.cat([model.encode(to_model_range(augment(images[pick].to(device))).contiguous(
             memory_format=torch.channels_last))[0].float() for _ in range(args.prior_copies)
             for pick in torch.randperm(len(images), generator=generator).split(8)])
-    prior = LatentPrior(args.latent_channels, args.prior_width, mus.mean((0, 2, 3)), mus.std((0, 2, 3))).to(device)
+    prior = fit_prior(mus, args.prior_width, args.prior_steps, "stage two: learned prior", generator, args,
+                      device, stop)
+    if prior is None or not args.prior_guide_steps:
+        return None if prior is None else (prior, None)
+    guide = fit_prior(mus, args.prior_guide_width, args.prior_guide_steps, "stage two: its guide", generator,
+                      args, device, stop)
+    return None if guide is None else (prior, guide)
+
+
+def fit_prior(mus, width, steps, desc, generator, args, device, stop):
+    """Train one LatentPrior on the codes; returns a moving average of its weights, which
+    samples more cleanly than the last step's (as in every diffusion model since Ho et al.
+    2020), or None after Ctrl-C."""
+    prior = LatentPrior(args.latent_channels, width, mus.mean((0, 2, 3)), mus.std((0, 2, 3))).to(device)
     ema = torch.optim.swa_utils.AveragedModel(
         prior, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.prior_steps)
-    for _ in tqdm(range(args.prior_steps), desc="stage two: learned prior", leave=False):
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    for _ in tqdm(range(steps), desc=desc, leave=False):
         if stop:
             return None
         pick = torch.randint(len(mus), (args.prior_batch_size,), generator=generator).to(device)
@@ -426,16 +441,17 @@ def train(args):
           f"val KL {metrics[-1]['val_kl']:.0f} nats per image; saved to {args.out}")
     if args.prior_steps:
         tick = time.perf_counter()
-        prior = train_prior(model, train_images, augment, args, device, stop)
-        if prior is None:
+        priors = train_prior(model, train_images, augment, args, device, stop)
+        if priors is None:
             print(f"interrupted in stage two; the trained VAE is saved in {args.out} and usable; "
                   f"to train its prior, run `{resume}`", file=sys.stderr)
             return 130
-        checkpoint = vae_checkpoint(model, prior)
+        checkpoint = vae_checkpoint(model, *priors)
         checkpoint["prior"]["seconds"] = time.perf_counter() - tick  # for benchmarks/bench_samples.py
         save_checkpoint(checkpoint, args.out)
         with torch.no_grad():
-            save_png(model.decode(sample_prior(prior, noise)), f"{args.results_dir}/samples_learned_prior.png")
+            z = sample_prior(priors[0], noise, guide=priors[1])
+            save_png(model.decode(z), f"{args.results_dir}/samples_learned_prior.png")
         print(f"learned prior done in {(time.perf_counter() - tick) / 60:.1f} min; saved with the VAE to {args.out}")
     print(f"pictures and metrics in {args.results_dir}/")
     return 0
@@ -490,6 +506,10 @@ def parse_args(argv=None):
                    default=PRIOR_WIDTH, help="channels of the prior's U-Net")
     p.add_argument("--prior-copies", type=positive_int, default=PRIOR_COPIES,
                    help="augmented copies of each training image encoded for the prior")
+    p.add_argument("--prior-guide-steps", type=checked(int, lambda v: v >= 0, "zero or a positive whole number"),
+                   default=PRIOR_GUIDE_STEPS, help="optimizer steps of the prior's guide; 0 trains none")
+    p.add_argument("--prior-guide-width", type=checked(int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, "
+                   "like 32"), default=PRIOR_GUIDE_WIDTH, help="channels of the guide's U-Net")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", default=MODEL_PATH, help="where to save the final model")

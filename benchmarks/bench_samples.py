@@ -20,6 +20,7 @@ its nearest training image (32 px pixels) over the same for the unseen images: w
 1 means the prior copies its training set.
 """
 import argparse
+import math
 import os
 import re
 import sys
@@ -133,7 +134,7 @@ def pca_gaussian(model, train_images):
     return draw
 
 
-def priors(model, prior, train_images, args):
+def priors(model, prior, guide, train_images, args):
     """name -> (fit seconds, draw(n, generator) -> latents)."""
     shape = (model.config["latent_channels"], model.image_size // 8, model.image_size // 8)
     normal = lambda n, g: torch.randn((n,) + shape, generator=g)  # noqa: E731
@@ -145,9 +146,12 @@ def priors(model, prior, train_images, args):
     tick = time.perf_counter()
     draw = pca_gaussian(model, train_images)
     rows["PCA Gaussian"] = (time.perf_counter() - tick, draw)
-    if prior is not None:
+    if prior is not None and guide is not None and args.guidance != 1:
+        rows["learned prior without autoguidance"] = (
+            float("nan"), lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps, guidance=1))
+    if prior is not None:  # fit s: the whole of stage two, prior and guide
         rows["learned prior (chosen)"] = (
-            prior.seconds, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps))
+            prior.seconds, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps, guide, args.guidance))
     return rows
 
 
@@ -161,11 +165,14 @@ def main():
     p.add_argument("--draw-seed", type=int, default=0, help="seeds the samples every prior draws")
     p.add_argument("--samples", type=int, default=SAMPLES)
     p.add_argument("--sample-steps", type=int, default=sample_vae.SAMPLE_STEPS)
+    p.add_argument("--guidance", type=float, default=sample_vae.GUIDANCE, help="autoguidance; 1 turns it off")
     p.add_argument("--grids", metavar="FOLDER", help="also save 16 samples of every row here")
     args = p.parse_args()
     try:
         model = sample_vae.load_model(args.model, "cpu")
         prior = sample_vae.load_model(args.model, "cpu", loader=load_prior)
+        guide = sample_vae.load_model(args.model, "cpu", loader=lambda path, map_location: load_prior(
+            path, map_location, name="guide"))
         images = sample_vae.load_folder(args.data, model.image_size)
     except train_vae.UserError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -189,11 +196,11 @@ def main():
     tick = time.perf_counter()
     recon = torch.cat([model.decode(mu) for mu in sample_vae.encode_means(model, train_images[pick]).split(64)])
     print(row("real latents (reconstructions)", recon, "", f"{time.perf_counter() - tick:.1f}"))
-    for name, (fit_s, draw) in priors(model, prior, train_images, args).items():
+    for name, (fit_s, draw) in priors(model, prior, guide, train_images, args).items():
         tick = time.perf_counter()
         z = draw(args.samples, torch.Generator().manual_seed(args.draw_seed))
         samples = torch.cat([model.decode(part) for part in z.split(64)])
-        print(row(name, samples, f"{fit_s:.1f}", f"{time.perf_counter() - tick:.1f}"))
+        print(row(name, samples, "" if math.isnan(fit_s) else f"{fit_s:.1f}", f"{time.perf_counter() - tick:.1f}"))
         if args.grids:
             slug = re.sub(r"[^a-z0-9]+", "_", name.split(" (")[0].lower()).strip("_")
             train_vae.save_png(samples[:16], os.path.join(args.grids, f"prior_{slug}.png"))

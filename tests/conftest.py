@@ -72,12 +72,13 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope="package")
 def trained(tmp_path_factory, image_folder):
-    """train_vae.py at 32 px for 2 epochs and a small learned prior, run from an empty
-    working folder."""
+    """train_vae.py at 32 px for 2 epochs and a small learned prior with its guide, run from an
+    empty working folder."""
     work = tmp_path_factory.mktemp("work")
     result = run_script("train_vae.py", "--data", image_folder, "--epochs", 2, "--image-size", 32,
                         "--batch-size", 4, "--save-every", 1, "--prior-steps", 60, "--prior-width", 16,
-                        "--prior-batch-size", 16, "--device", "cpu", "--out", "out/model.pth",
+                        "--prior-batch-size", 16, "--prior-guide-steps", 20, "--prior-guide-width", 8,
+                        "--device", "cpu", "--out", "out/model.pth",
                         "--results-dir", "out/results", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"work": work, "model": work / "out" / "model.pth", "results": work / "out" / "results",

@@ -40,6 +40,29 @@ def test_prior_sampling_steps_and_maps_back_to_the_latent_scale():
     assert torch.allclose(z, noise * shrink * std.view(1, 4, 1, 1) + mean.view(1, 4, 1, 1), atol=1e-5)
 
 
+class Constant(torch.nn.Module):
+    """A stand-in prior that predicts the same v everywhere, on unstandardised latents."""
+
+    def __init__(self, v):
+        super().__init__()
+        self.v = v
+        self.register_buffer("latent_mean", torch.zeros(1, 2, 1, 1))
+        self.register_buffer("latent_std", torch.ones(1, 2, 1, 1))
+
+    def forward(self, z, t):
+        return torch.full_like(z, self.v)
+
+
+@pytest.mark.parametrize("guidance, v", [(1.0, 1.0), (1.5, 0.2 + 1.5 * (1.0 - 0.2)), (3.0, 0.2 + 3 * 0.8)])
+def test_autoguidance_steps_away_from_the_guide(guidance, v):
+    """One DDIM step from t = 1 (alpha = 0, sigma = 1) to t = 0 lands on z0 = -v, so the
+    result shows the v it used: the guide's, plus `guidance` times the prior's lead over it."""
+    z = sample_prior(Constant(1.0), torch.randn(3, 2, 4, 4), steps=1, guide=Constant(0.2), guidance=guidance)
+    assert torch.allclose(z, torch.full_like(z, -v), atol=1e-6)
+    unguided = sample_prior(Constant(1.0), torch.randn(3, 2, 4, 4), steps=1, guidance=guidance)
+    assert torch.allclose(unguided, torch.full_like(z, -1.0), atol=1e-6)  # no guide, no guidance
+
+
 def test_a_trained_prior_prefers_its_training_latents():
     torch.manual_seed(0)
     latents = torch.randn(4, 4, 4, 4)
@@ -61,9 +84,12 @@ def test_a_trained_prior_prefers_its_training_latents():
     assert mean_loss(latents) < 0.7 * mean_loss(others)
 
 
-def test_training_saves_the_prior_with_the_model(trained):
-    prior = load_prior(trained["model"])
+def test_training_saves_the_prior_and_its_guide_with_the_model(trained):
+    prior, guide = load_prior(trained["model"]), load_prior(trained["model"], name="guide")
     assert isinstance(prior, LatentPrior) and prior.config == {"latent_channels": 8, "width": 16}
+    assert isinstance(guide, LatentPrior) and guide.config == {"latent_channels": 8, "width": 8}
+    # Both standardise the same codes the same way, so their predictions can be mixed.
+    assert torch.equal(guide.latent_mean, prior.latent_mean) and torch.equal(guide.latent_std, prior.latent_std)
     checkpoint = torch.load(trained["model"], weights_only=True)
     assert checkpoint["prior"]["seconds"] > 0
     # The prior's standardisation comes from the encoder's codes, not the zeros it starts with.
@@ -74,16 +100,20 @@ def test_training_saves_the_prior_with_the_model(trained):
         assert grid.size == (8 * 34 + 2, 2 * 34 + 2)
 
 
-def test_generate_uses_the_learned_prior_by_default(trained, tmp_path):
+@pytest.mark.parametrize("flags, guidance, says", [([], sample_vae.GUIDANCE, "learned prior, autoguidance 1.5"),
+                                                  (["--guidance", 3], 3.0, "learned prior, autoguidance 3"),
+                                                  (["--guidance", 1], 1.0, "learned prior\n")])
+def test_generate_uses_the_learned_prior_and_its_guide_by_default(trained, tmp_path, flags, guidance, says):
     out = tmp_path / "gen.png"
     result = run_script("sample_vae.py", "--model", trained["model"], "--generate", 5, "--seed", 4,
-                        "--sample-steps", 7, "--out", out)
+                        "--sample-steps", 7, "--out", out, *flags)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "from the learned prior" in result.stdout
+    assert says in result.stdout
     model, prior = load_vae(trained["model"]), load_prior(trained["model"])
+    guide = load_prior(trained["model"], name="guide")
     noise = torch.randn(5, 8, 4, 4, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        expected = grid_pixels(model.decode(sample_prior(prior, noise, steps=7)), nrow=5)
+        expected = grid_pixels(model.decode(sample_prior(prior, noise, 7, guide, guidance)), nrow=5)
     with Image.open(out) as grid:
         written = np.asarray(grid.convert("RGB")).astype(int)
     assert np.abs(written - expected).max() <= 1
@@ -126,17 +156,19 @@ def test_asking_for_a_learned_prior_that_is_not_there(model_without_prior, tmp_p
     assert not (tmp_path / "a.png").exists()
 
 
-def test_prior_that_does_not_fit_its_config(trained, tmp_path):
+@pytest.mark.parametrize("part", ["prior", "guide"])
+def test_prior_that_does_not_fit_its_config(trained, tmp_path, part):
     checkpoint = torch.load(trained["model"], weights_only=True)
-    checkpoint["prior"]["config"]["width"] = 24
+    checkpoint[part]["config"]["width"] = 24
     torch.save(checkpoint, tmp_path / "bad.pth")
     result = run_script("sample_vae.py", "--model", tmp_path / "bad.pth", "--generate", 2)
-    assert_user_error(result, "prior that does not fit its own config")
+    assert_user_error(result, f"{part} that does not fit its own config")
 
 
 @pytest.mark.parametrize("flag,value,phrase", [
     ("--prior-steps", "-1", "zero or a positive"), ("--prior-width", "20", "multiple of 8"),
     ("--prior-lr", "0", "positive"), ("--prior-copies", "0", "positive"),
+    ("--prior-guide-steps", "-1", "zero or a positive"), ("--prior-guide-width", "12", "multiple of 8"),
 ])
 def test_bad_prior_flags(tmp_path, flag, value, phrase):
     assert_user_error(run_script("train_vae.py", flag, value, "--results-dir", tmp_path / "r"), phrase)
@@ -154,7 +186,7 @@ def test_ctrl_c_in_stage_two_keeps_the_vae_and_resume_trains_the_prior(tmp_path,
     out, results = tmp_path / "m.pth", tmp_path / "r"
     args = [sys.executable, os.path.join(ROOT, "train_vae.py"), "--data", image_folder, "--epochs", "1",
             "--image-size", "32", "--device", "cpu", "--prior-steps", "1000000", "--prior-width", "16",
-            "--out", str(out), "--results-dir", str(results)]
+            "--prior-guide-steps", "7", "--out", str(out), "--results-dir", str(results)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": HF_HOME, "MPLBACKEND": "Agg"}
     process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -166,15 +198,16 @@ def test_ctrl_c_in_stage_two_keeps_the_vae_and_resume_trains_the_prior(tmp_path,
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and "saved in" in stderr
     # The command it prints repeats the run's own prior flags: --resume takes them from its command line.
-    assert f"`python train_vae.py --resume --prior-steps 1000000 --prior-width 16 --results-dir {results}`" in stderr
+    assert (f"`python train_vae.py --resume --prior-steps 1000000 --prior-width 16 --prior-guide-steps 7 "
+            f"--results-dir {results}`") in stderr
     assert load_vae(out).image_size == 32 and load_prior(out) is None  # usable, without a prior
 
     # --resume after a finished VAE trains only the prior, with the prior flags given now.
     result = run_script("train_vae.py", "--resume", "--results-dir", results, "--prior-steps", 20,
-                        "--prior-width", 8, cwd=tmp_path)
+                        "--prior-width", 8, "--prior-guide-steps", 0, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming after epoch 1 of 1" in result.stdout and "ignoring" not in result.stdout
-    assert load_prior(out).config["width"] == 8  # into the run's own --out
+    assert load_prior(out).config["width"] == 8 and load_prior(out, name="guide") is None  # into the run's --out
     assert sorted(os.listdir(tmp_path)) == ["m.pth", "r"]
 
 
@@ -202,13 +235,14 @@ def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "distance" not in line]
     names = [row.split("|")[1].strip() for row in rows]
     assert names == ["real training images (floor)", "real latents (reconstructions)", "N(0, I)",
-                     "diagonal data prior", "PCA Gaussian", "learned prior (chosen)"]
+                     "diagonal data prior", "PCA Gaussian", "learned prior without autoguidance",
+                     "learned prior (chosen)"]
     for name, row in zip(names, rows):
         layout, texture, copy = (float(cell) for cell in row.split("|")[2:5])
         assert layout > -1e-6 and texture > -1e-6, row
         # The floor's samples are training images: each is its own nearest neighbour.
         assert (copy == 0) == (name == "real training images (floor)"), row
-    assert len(os.listdir(tmp_path)) == 4
+    assert len(os.listdir(tmp_path)) == 5
 
     # Another --draw-seed draws other samples from every prior, against the same real images.
     again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),

@@ -111,6 +111,7 @@ def test_latent_map_positions_are_the_principal_components_whatever_the_seed(tra
 
 @pytest.mark.parametrize("args,phrase", [
     (["--generate", "0"], "positive"),
+    (["--generate", "4", "--guidance", "0.5"], "at least 1"),
     (["--interpolate", "a.png", "b.png", "--steps", "1"], "at least 2"),
     (["--generate", "4", "--prior", "data"], "data needs --data"),
     (["--prior", "normal"], "only --generate draws from a prior"),  # would reconstruct, ignoring it

@@ -110,6 +110,7 @@ def test_folder_with_odd_images_trains_on_the_rest_and_counts_the_skipped(tmp_pa
 def test_amp_code_path_runs_on_the_cpu(tmp_path, image_folder):
     result = run_script("train_vae.py", "--data", image_folder, "--epochs", 1, "--image-size", 32,
                         "--device", "cpu", "--amp", "on", "--prior-steps", 5, "--prior-width", 8,
+                        "--prior-guide-steps", 2,
                         "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bfloat16 autocast" in result.stdout
