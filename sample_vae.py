@@ -36,7 +36,7 @@ INTERPOLATION_PATH = "vae_results/interpolation.png"  # strip of --interpolate (
 LATENT_MAP_PATH = "vae_results/latent_map.png"    # figure of --latent-map
 STEPS = 10                                        # points on the line of --interpolate
 SAMPLE_STEPS = 200                                # denoising steps of the learned prior
-GUIDANCE = 1.5                                    # autoguidance of the learned prior by its guide; 1: off
+GUIDANCE = 1.25                                   # autoguidance of the learned prior by its guide; 1: off
 SEED = 0                                          # seeds the latents drawn by --generate
 # -----------------------------------------------------------------------------------------------
 

@@ -260,7 +260,7 @@ def prior_loss(prior, z0):
 
 
 @torch.no_grad()
-def sample_prior(prior, noise, steps=200, guide=None, guidance=1.5):
+def sample_prior(prior, noise, steps=200, guide=None, guidance=1.25):
     """Turn noise (B, latent, h, w) into latents of the first stage in `steps` deterministic
     DDIM steps: at each step, estimate the clean latent and the noise from v, then re-mix
     them at the next, lower noise level.

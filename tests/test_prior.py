@@ -1,5 +1,6 @@
 """Stage two: the learned prior is trained after the VAE, saved with it, used by --generate,
 and measured by benchmarks/bench_samples.py."""
+import inspect
 import math
 import os
 import signal
@@ -63,6 +64,14 @@ def test_autoguidance_steps_away_from_the_guide(guidance, v):
     assert torch.allclose(unguided, torch.full_like(z, -1.0), atol=1e-6)  # no guide, no guidance
 
 
+def test_training_draws_its_sample_grid_as_sample_vae_does():
+    """train_vae.py's samples_learned_prior.png takes sample_prior's defaults; sample_vae.py has
+    constants of its own, which must be the same numbers."""
+    defaults = inspect.signature(sample_prior).parameters
+    assert defaults["steps"].default == sample_vae.SAMPLE_STEPS
+    assert defaults["guidance"].default == sample_vae.GUIDANCE
+
+
 def test_a_trained_prior_prefers_its_training_latents():
     torch.manual_seed(0)
     latents = torch.randn(4, 4, 4, 4)
@@ -100,7 +109,7 @@ def test_training_saves_the_prior_and_its_guide_with_the_model(trained):
         assert grid.size == (8 * 34 + 2, 2 * 34 + 2)
 
 
-@pytest.mark.parametrize("flags, guidance, says", [([], sample_vae.GUIDANCE, "learned prior, autoguidance 1.5"),
+@pytest.mark.parametrize("flags, guidance, says", [([], sample_vae.GUIDANCE, "learned prior, autoguidance 1.25"),
                                                   (["--guidance", 3], 3.0, "learned prior, autoguidance 3"),
                                                   (["--guidance", 1], 1.0, "learned prior\n")])
 def test_generate_uses_the_learned_prior_and_its_guide_by_default(trained, tmp_path, flags, guidance, says):
