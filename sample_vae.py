@@ -12,6 +12,7 @@ The model is rebuilt from the checkpoint's own config, never from constants here
 one small function; every figure is saved, and shown only where a display exists.
 """
 import argparse
+import functools
 import math
 import os
 import sys
@@ -145,8 +146,7 @@ def pick_prior(args, device):
         return args.prior, None, None
     prior = load_model(args.model, device, loader=load_prior)
     if prior is not None:
-        return "learned", prior, load_model(args.model, device, loader=lambda path, map_location: load_prior(
-            path, map_location, name="guide"))
+        return "learned", prior, load_model(args.model, device, loader=functools.partial(load_prior, name="guide"))
     if args.prior == "learned":
         raise UserError(f"{args.model} holds no learned prior; train one with `python train_vae.py` "
                         "(its stage two) or pass --prior normal or --prior data")

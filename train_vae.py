@@ -308,28 +308,6 @@ def plot_loss_curve(metrics, results_dir):
 
 # --- Stage two: a learned prior over the trained VAE's latent space ---------------------------
 
-def train_prior(model, images, augment, args, device, stop):
-    """Fit LatentPrior to the latent means of augmented copies of the training images (the
-    encoder reads flipped and rotated Pokémon too, and more codes keep the prior from learning
-    the training set by heart). Means, not samples z ~ q(z|x): the posterior's noise is about as
-    large as the means' spread, and a prior of samples would spend itself on noise the decoder
-    ignores. Then the same for the guide, smaller and shorter. Returns (prior, guide or None),
-    or None after Ctrl-C."""
-    generator = torch.Generator().manual_seed(args.seed)
-    model.eval()
-    with torch.no_grad():  # small batches, each with its own flip and angle
-        mus = torch.cat([model.encode(to_model_range(augment(images[pick].to(device))).contiguous(
-            memory_format=torch.channels_last))[0].float() for _ in range(args.prior_copies)
-            for pick in torch.randperm(len(images), generator=generator).split(8)])
-    prior = fit_prior(mus, args.prior_width, args.prior_steps, "stage two: learned prior", generator, args,
-                      device, stop)
-    if prior is None or not args.prior_guide_steps:
-        return None if prior is None else (prior, None)
-    guide = fit_prior(mus, args.prior_guide_width, args.prior_guide_steps, "stage two: its guide", generator,
-                      args, device, stop)
-    return None if guide is None else (prior, guide)
-
-
 def fit_prior(mus, width, steps, desc, generator, args, device, stop):
     """Train one LatentPrior on the codes; returns a moving average of its weights, which
     samples more cleanly than the last step's (as in every diffusion model since Ho et al.
@@ -353,6 +331,29 @@ def fit_prior(mus, width, steps, desc, generator, args, device, stop):
     if not math.isfinite(loss.item()):
         raise UserError(f"the prior's loss became {loss.item()}; lower --prior-lr (now {args.prior_lr})")
     return ema.module.eval()
+
+
+def train_prior(model, images, augment, args, device, stop):
+    """Fit LatentPrior to the latent means of augmented copies of the training images (the
+    encoder reads flipped and rotated Pokémon too, and more codes keep the prior from learning
+    the training set by heart). Means, not samples z ~ q(z|x): the posterior's noise is about as
+    large as the means' spread, and a prior of samples would spend itself on noise the decoder
+    ignores. Then the guide, smaller and shorter, on the same codes, so that both standardise
+    the latent alike and their predictions can be mixed; it trains after the prior, which thus
+    trains exactly as it would alone. Returns (prior, guide or None), or None after Ctrl-C."""
+    generator = torch.Generator().manual_seed(args.seed)
+    model.eval()
+    with torch.no_grad():  # small batches, each with its own flip and angle
+        mus = torch.cat([model.encode(to_model_range(augment(images[pick].to(device))).contiguous(
+            memory_format=torch.channels_last))[0].float() for _ in range(args.prior_copies)
+            for pick in torch.randperm(len(images), generator=generator).split(8)])
+    prior = fit_prior(mus, args.prior_width, args.prior_steps, "stage two: learned prior", generator, args,
+                      device, stop)
+    if prior is None or not args.prior_guide_steps:
+        return None if prior is None else (prior, None)
+    guide = fit_prior(mus, args.prior_guide_width, args.prior_guide_steps, "stage two: its guide", generator,
+                      args, device, stop)
+    return None if guide is None else (prior, guide)
 
 
 # --- The run ------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ its nearest training image (32 px pixels) over the same for the unseen images: w
 1 means the prior copies its training set.
 """
 import argparse
+import functools
 import math
 import os
 import re
@@ -171,8 +172,7 @@ def main():
     try:
         model = sample_vae.load_model(args.model, "cpu")
         prior = sample_vae.load_model(args.model, "cpu", loader=load_prior)
-        guide = sample_vae.load_model(args.model, "cpu", loader=lambda path, map_location: load_prior(
-            path, map_location, name="guide"))
+        guide = sample_vae.load_model(args.model, "cpu", loader=functools.partial(load_prior, name="guide"))
         images = sample_vae.load_folder(args.data, model.image_size)
     except train_vae.UserError as error:
         print(f"error: {error}", file=sys.stderr)

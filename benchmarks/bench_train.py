@@ -233,7 +233,8 @@ def run_recipe(name, data, size, minutes, seed):
         steps += 1
     seconds = time.perf_counter() - started
     return {"recipe": name, "amp": amp, "images_per_s": steps * batch_size / seconds,
-            "epochs": steps * batch_size / len(train_paths), "steps": steps, "lr": lr, "seconds": seconds, "data_wait_fraction": data_time / seconds,
+            "epochs": steps * batch_size / len(train_paths), "steps": steps, "lr": lr, "seconds": seconds,
+            "data_wait_fraction": data_time / seconds,
             "gflops": flops_per_step * steps / seconds / 1e9,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             **evaluate(model, val)}
