@@ -244,8 +244,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error(f"argument --steps: needs at least 2 points (the two ends), got {args.steps}")
-    if args.prior and not args.generate:  # said, not ignored: the user expects the flag to do something
-        p.error("argument --prior: only --generate draws from a prior; add --generate N")
+    # A flag that the chosen mode would ignore is said, not ignored: the user expects it to act.
+    changed = [key for key in ("prior", "sample_steps", "guidance", "steps") if getattr(args, key) != p.get_default(key)]
+    for key in changed:
+        flag, mode = "--" + key.replace("_", "-"), ("--interpolate", "A B") if key == "steps" else ("--generate", "N")
+        if not getattr(args, mode[0][2:]):
+            p.error(f"argument {flag}: only {mode[0]} uses it; add {' '.join(mode)}")
+        if key != "prior" and args.prior in ("normal", "data"):
+            p.error(f"argument {flag}: only the learned prior uses it, not --prior {args.prior}")
     if args.prior == "data" and not args.data:
         p.error("argument --prior: data needs --data FOLDER, the images to fit it to")
     if args.data and args.prior != "data":

@@ -114,11 +114,31 @@ def test_latent_map_positions_are_the_principal_components_whatever_the_seed(tra
     (["--generate", "4", "--guidance", "0.5"], "at least 1"),
     (["--interpolate", "a.png", "b.png", "--steps", "1"], "at least 2"),
     (["--generate", "4", "--prior", "data"], "data needs --data"),
-    (["--prior", "normal"], "only --generate draws from a prior"),  # would reconstruct, ignoring it
+    (["--prior", "normal"], "only --generate uses it; add --generate N"),  # would reconstruct, ignoring it
     (["--generate", "4", "--data", "."], "only --prior data uses it"),  # would draw from the learned prior
 ])
 def test_bad_mode_arguments(trained, args, phrase):
     assert_user_error(run_script("sample_vae.py", "--model", trained["model"], *args), phrase)
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--guidance", "2"], "argument --guidance: only --generate uses it; add --generate N"),
+    (["--sample-steps", "5", "--latent-map", "."], "argument --sample-steps: only --generate uses it"),
+    (["--steps", "5"], "argument --steps: only --interpolate uses it; add --interpolate A B"),
+    (["--generate", "4", "--steps", "5"], "argument --steps: only --interpolate uses it"),
+    (["--generate", "4", "--prior", "normal", "--guidance", "2"], "--guidance: only the learned prior uses it"),
+    (["--generate", "4", "--prior", "data", "--data", ".", "--sample-steps", "9"], "only the learned prior uses it"),
+])
+def test_a_flag_the_chosen_mode_would_ignore_is_an_error(args, phrase, capsys):
+    with pytest.raises(SystemExit) as exit:
+        sample_vae.parse_args(args)
+    assert exit.value.code == 2 and phrase in capsys.readouterr().err
+
+
+def test_flags_that_their_mode_uses_are_accepted():
+    assert sample_vae.parse_args(["--generate", "4", "--guidance", "2", "--sample-steps", "5"]).guidance == 2
+    assert sample_vae.parse_args(["--generate", "4", "--prior", "learned", "--guidance", "1"]).guidance == 1
+    assert sample_vae.parse_args(["--interpolate", "a", "b", "--steps", "5"]).steps == 5
 
 
 def test_latent_map_of_a_folder_without_images(trained, tmp_path):
