@@ -21,7 +21,6 @@ its nearest training image (32 px pixels) over the same for the unseen images: w
 """
 import argparse
 import functools
-import math
 import os
 import re
 import sys
@@ -136,7 +135,7 @@ def pca_gaussian(model, train_images):
 
 
 def priors(model, prior, guide, train_images, args):
-    """name -> (fit seconds, draw(n, generator) -> latents)."""
+    """name -> (fit seconds or None, draw(n, generator) -> latents)."""
     shape = (model.config["latent_channels"], model.image_size // 8, model.image_size // 8)
     normal = lambda n, g: torch.randn((n,) + shape, generator=g)  # noqa: E731
     rows = {"N(0, I)": (0.0, normal)}
@@ -149,7 +148,7 @@ def priors(model, prior, guide, train_images, args):
     rows["PCA Gaussian"] = (time.perf_counter() - tick, draw)
     if prior is not None and guide is not None and args.guidance != 1:
         rows["learned prior without autoguidance"] = (
-            float("nan"), lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps, guidance=1))
+            None, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps, guidance=1))
     if prior is not None:  # fit s: the whole of stage two, prior and guide
         rows["learned prior (chosen)"] = (
             prior.seconds, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps, guide, args.guidance))
@@ -200,7 +199,7 @@ def main():
         tick = time.perf_counter()
         z = draw(args.samples, torch.Generator().manual_seed(args.draw_seed))
         samples = torch.cat([model.decode(part) for part in z.split(64)])
-        print(row(name, samples, "" if math.isnan(fit_s) else f"{fit_s:.1f}", f"{time.perf_counter() - tick:.1f}"))
+        print(row(name, samples, "" if fit_s is None else f"{fit_s:.1f}", f"{time.perf_counter() - tick:.1f}"))
         if args.grids:
             slug = re.sub(r"[^a-z0-9]+", "_", name.split(" (")[0].lower()).strip("_")
             train_vae.save_png(samples[:16], os.path.join(args.grids, f"prior_{slug}.png"))
