@@ -141,12 +141,16 @@ def draw_latents(n, mean, std, seed):
 def pick_prior(args, device):
     """(name, learned prior, its guide): the learned prior stored with the model, or None where
     the user asked for another prior or the checkpoint has none (it then falls back to
-    N(0, I), with a note). The guide is None in a model trained with --prior-guide-steps 0."""
+    N(0, I), with a note). The guide is None, also with a note, where the model has none."""
     if args.prior not in (None, "learned"):
         return args.prior, None, None
     prior = load_model(args.model, device, loader=load_prior)
     if prior is not None:
-        return "learned", prior, load_model(args.model, device, loader=functools.partial(load_prior, name="guide"))
+        guide = load_model(args.model, device, loader=functools.partial(load_prior, name="guide"))
+        if guide is None and args.guidance != 1:
+            print(f"note: {args.model} holds no guide for its prior (trained with --prior-guide-steps 0 or by "
+                  "an older version); sampling without autoguidance")
+        return "learned", prior, guide
     if args.prior == "learned":
         raise UserError(f"{args.model} holds no learned prior; train one with `python train_vae.py` "
                         "(its stage two) or pass --prior normal or --prior data")
@@ -245,13 +249,16 @@ def parse_args(argv=None):
     if args.steps < 2:
         p.error(f"argument --steps: needs at least 2 points (the two ends), got {args.steps}")
     # A flag that the chosen mode would ignore is said, not ignored: the user expects it to act.
-    changed = [key for key in ("prior", "sample_steps", "guidance", "steps") if getattr(args, key) != p.get_default(key)]
-    for key in changed:
-        flag, mode = "--" + key.replace("_", "-"), ("--interpolate", "A B") if key == "steps" else ("--generate", "N")
-        if not getattr(args, mode[0][2:]):
-            p.error(f"argument {flag}: only {mode[0]} uses it; add {' '.join(mode)}")
-        if key != "prior" and args.prior in ("normal", "data"):
-            p.error(f"argument {flag}: only the learned prior uses it, not --prior {args.prior}")
+    changed = {key for key in ("prior", "sample_steps", "guidance", "steps")
+               if getattr(args, key) != p.get_default(key)}
+    generate, interpolate = (args.generate, "--generate N"), (args.interpolate, "--interpolate A B")
+    for key, (used, mode) in (("prior", generate), ("sample_steps", generate), ("guidance", generate),
+                              ("steps", interpolate)):
+        if key in changed and not used:
+            p.error(f"argument --{key.replace('_', '-')}: only {mode.split()[0]} uses it; add {mode}")
+    for key in changed & {"sample_steps", "guidance"}:
+        if args.prior in ("normal", "data"):
+            p.error(f"argument --{key.replace('_', '-')}: only the learned prior uses it, not --prior {args.prior}")
     if args.prior == "data" and not args.data:
         p.error("argument --prior: data needs --data FOLDER, the images to fit it to")
     if args.data and args.prior != "data":

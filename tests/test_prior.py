@@ -165,6 +165,24 @@ def test_asking_for_a_learned_prior_that_is_not_there(model_without_prior, tmp_p
     assert not (tmp_path / "a.png").exists()
 
 
+def test_a_prior_without_a_guide_samples_unguided_with_a_note(trained, tmp_path):
+    model, prior = load_vae(trained["model"]), load_prior(trained["model"])
+    torch.save(vae_checkpoint(model, prior), tmp_path / "unguided.pth")  # as --prior-guide-steps 0 writes it
+    result = run_script("sample_vae.py", "--model", tmp_path / "unguided.pth", "--generate", 3, "--seed", 2,
+                        "--sample-steps", 5, "--out", tmp_path / "a.png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "holds no guide for its prior" in result.stdout and "autoguidance 1.25" not in result.stdout
+    noise = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = grid_pixels(model.decode(sample_prior(prior, noise, 5)), 3)
+    with Image.open(tmp_path / "a.png") as grid:
+        assert np.abs(np.asarray(grid.convert("RGB")).astype(int) - expected).max() <= 1
+    # With guidance turned off there is nothing to miss, and nothing to say.
+    result = run_script("sample_vae.py", "--model", tmp_path / "unguided.pth", "--generate", 3, "--sample-steps", 5,
+                        "--guidance", 1, "--out", tmp_path / "b.png")
+    assert result.returncode == 0 and "note" not in result.stdout, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("part", ["prior", "guide"])
 def test_prior_that_does_not_fit_its_config(trained, tmp_path, part):
     checkpoint = torch.load(trained["model"], weights_only=True)
