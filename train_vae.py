@@ -54,7 +54,6 @@ PRIOR_STEPS = 4000        # optimizer steps of the learned prior (stage two); 0 
 PRIOR_BATCH_SIZE = 32     # latents per step of the prior
 PRIOR_LR = 1e-3           # learning rate of the prior, decayed to 0 along a cosine
 PRIOR_WIDTH = 64          # channels of the prior's U-Net at the latent's resolution
-PRIOR_COPIES = 8          # augmented copies of each training image encoded for the prior
 PRIOR_GUIDE_STEPS = 1000  # optimizer steps of the prior's smaller guide (autoguidance); 0 skips it
 PRIOR_GUIDE_WIDTH = 32    # channels of the guide's U-Net
 MODEL_PATH = "vae_model.pth"   # where the final model (config + weights) is written
@@ -333,20 +332,21 @@ def fit_prior(mus, width, steps, desc, generator, args, device, stop):
     return ema.module.eval()
 
 
-def train_prior(model, images, augment, args, device, stop):
-    """Fit LatentPrior to the latent means of augmented copies of the training images (the
-    encoder reads flipped and rotated Pokémon too, and more codes keep the prior from learning
-    the training set by heart). Means, not samples z ~ q(z|x): the posterior's noise is about as
-    large as the means' spread, and a prior of samples would spend itself on noise the decoder
-    ignores. Then the guide, smaller and shorter, on the same codes, so that both standardise
-    the latent alike and their predictions can be mixed; it trains after the prior, which thus
-    trains exactly as it would alone. Returns (prior, guide or None), or None after Ctrl-C."""
+def train_prior(model, images, args, device, stop):
+    """Fit LatentPrior to the latent means of the training images and of their mirror images
+    (a Pokémon facing the other way is still a Pokémon). Not the training augmentation: the
+    prior learns to draw whatever its codes show, and a rotated copy shows a tilted frame, a
+    darker or paler one a grey background. Means, not samples z ~ q(z|x): the posterior's
+    noise is about as large as the means' spread, and a prior of samples would spend itself on
+    noise the decoder ignores. Then the guide, smaller and shorter, on the same codes, so that
+    both standardise the latent alike and their predictions can be mixed; it trains after the
+    prior, which thus trains exactly as it would alone. Returns (prior, guide or None), or None
+    after Ctrl-C."""
     generator = torch.Generator().manual_seed(args.seed)
     model.eval()
-    with torch.no_grad():  # small batches, each with its own flip and angle
-        mus = torch.cat([model.encode(to_model_range(augment(images[pick].to(device))).contiguous(
-            memory_format=torch.channels_last))[0].float() for _ in range(args.prior_copies)
-            for pick in torch.randperm(len(images), generator=generator).split(8)])
+    with torch.no_grad():
+        mus = torch.cat([model.encode(to_model_range(x.to(device)).contiguous(memory_format=torch.channels_last))[0]
+                         for batch in images.split(32) for x in (batch, batch.flip(-1))]).float()
     prior = fit_prior(mus, args.prior_width, args.prior_steps, "stage two: learned prior", generator, args,
                       device, stop)
     if prior is None or not args.prior_guide_steps:
@@ -442,7 +442,7 @@ def train(args):
           f"val KL {metrics[-1]['val_kl']:.0f} nats per image; saved to {args.out}")
     if args.prior_steps:
         tick = time.perf_counter()
-        priors = train_prior(model, train_images, augment, args, device, stop)
+        priors = train_prior(model, train_images, args, device, stop)
         if priors is None:
             print(f"interrupted in stage two; the trained VAE is saved in {args.out} and usable; "
                   f"to train its prior, run `{resume}`", file=sys.stderr)
@@ -505,8 +505,6 @@ def parse_args(argv=None):
     p.add_argument("--prior-lr", type=positive_float, default=PRIOR_LR)
     p.add_argument("--prior-width", type=checked(int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, like 64"),
                    default=PRIOR_WIDTH, help="channels of the prior's U-Net")
-    p.add_argument("--prior-copies", type=positive_int, default=PRIOR_COPIES,
-                   help="augmented copies of each training image encoded for the prior")
     p.add_argument("--prior-guide-steps", type=checked(int, lambda v: v >= 0, "zero or a positive whole number"),
                    default=PRIOR_GUIDE_STEPS, help="optimizer steps of the prior's guide; 0 trains none")
     p.add_argument("--prior-guide-width", type=checked(int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, "

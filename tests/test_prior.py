@@ -15,7 +15,7 @@ from PIL import Image
 
 import sample_vae
 from conftest import HF_HOME, ROOT, assert_user_error, grid_pixels, run_script
-from vae_model import LatentPrior, load_prior, load_vae, prior_loss, sample_prior, vae_checkpoint
+from vae_model import VAE, LatentPrior, load_prior, load_vae, prior_loss, sample_prior, vae_checkpoint
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -91,6 +91,25 @@ def test_a_trained_prior_prefers_its_training_latents():
 
     others = torch.randn(4, 4, 4, 4)
     assert mean_loss(latents) < 0.7 * mean_loss(others)
+
+
+def test_the_prior_learns_the_codes_of_the_training_images_and_their_mirrors(monkeypatch):
+    """Not of the training augmentation: its rotations and colour jitter would teach the prior
+    tilted frames and grey backgrounds. Every image and its mirror, each exactly once."""
+    import train_vae
+    torch.manual_seed(0)
+    model = VAE(16, 4, (8, 8, 8)).eval()
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    seen = []
+    monkeypatch.setattr(train_vae, "fit_prior", lambda mus, *rest: seen.append(mus) or "prior")
+    args = train_vae.parse_args(["--prior-guide-steps", "0"])
+    assert train_vae.train_prior(model, images, args, torch.device("cpu"), stop=[]) == ("prior", None)
+    with torch.no_grad():
+        expected = [model.encode(train_vae.to_model_range(x))[0] for x in (images, images.flip(-1))]
+    codes = seen[0].flatten(1)
+    assert len(codes) == 10
+    for code in torch.cat(expected).flatten(1):  # each expected code once, in any order
+        assert ((codes - code).abs().amax(1) < 1e-5).sum() == 1
 
 
 def test_training_saves_the_prior_and_its_guide_with_the_model(trained):
@@ -194,7 +213,7 @@ def test_prior_that_does_not_fit_its_config(trained, tmp_path, part):
 
 @pytest.mark.parametrize("flag,value,phrase", [
     ("--prior-steps", "-1", "zero or a positive"), ("--prior-width", "20", "multiple of 8"),
-    ("--prior-lr", "0", "positive"), ("--prior-copies", "0", "positive"),
+    ("--prior-lr", "0", "positive"),
     ("--prior-guide-steps", "-1", "zero or a positive"), ("--prior-guide-width", "12", "multiple of 8"),
 ])
 def test_bad_prior_flags(tmp_path, flag, value, phrase):

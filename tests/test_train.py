@@ -322,8 +322,8 @@ def test_a_table_with_the_hub_data_sets_schema_loads_through_the_hub_path(tmp_pa
 def test_bad_input_creates_no_file(tmp_path):
     (tmp_path / "empty").mkdir()
     for data in (tmp_path / "nope", tmp_path / "empty"):
-        result = run_script("train_vae.py", "--data", data, "--results-dir", tmp_path / "r", "--out", tmp_path / "m.pth",
-                            cwd=tmp_path)
+        result = run_script("train_vae.py", "--data", data, "--results-dir", tmp_path / "r",
+                            "--out", tmp_path / "m.pth", cwd=tmp_path)
         assert result.returncode == 2, result.stderr[-2000:]
     assert only_these_files(tmp_path, "empty")
 
