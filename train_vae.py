@@ -184,12 +184,13 @@ def pick_device(name):
 
 
 def bf16_is_fast(device):
-    """bfloat16 autocast pays off on a GPU with bf16 and on a CPU with AMX matrix tiles; other
-    CPUs have no bf16 matrix unit and would emulate it, so there "auto" leaves it off."""
+    """bfloat16 autocast pays off on a GPU with bf16 and on a CPU with bf16 instructions (AMX
+    tiles, or AVX-512 BF16 as on AMD Zen 4); other CPUs would emulate bf16, so there "auto"
+    leaves it off."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private helper: guard it
-    return device.type == "cpu" and amx is not None and amx()
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return device.type == "cpu" and any(check is not None and check() for check in checks)  # private: guarded
 
 
 def settings(args, device, checkpoint_path):

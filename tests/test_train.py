@@ -347,3 +347,12 @@ def test_amp_runs_the_model_in_bfloat16_exactly_when_it_says_so(tmp_path, image_
     assert set(dtypes) == {torch.bfloat16 if said_bf16 else torch.float32}
     if amp != "auto":
         assert said_bf16 == (amp == "on")
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, fast", [(True, False, True), (False, True, True), (False, False, False)])
+def test_auto_amp_turns_bf16_on_for_a_cpu_with_bf16_instructions(monkeypatch, amx, avx512_bf16, fast):
+    """AMX (Intel Xeon) or AVX-512 BF16 (AMD Zen 4) run bf16 natively; other CPUs would emulate it."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert train_vae.bf16_is_fast(torch.device("cpu")) == fast
+    assert not train_vae.bf16_is_fast(torch.device("meta"))  # neither a CPU nor a CUDA GPU
