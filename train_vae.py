@@ -184,9 +184,8 @@ def pick_device(name):
 
 
 def bf16_is_fast(device):
-    """bfloat16 autocast pays off on a GPU with bf16 and on a CPU with bf16 instructions (AMX
-    tiles, or AVX-512 BF16 as on AMD Zen 4); other CPUs would emulate bf16, so there "auto"
-    leaves it off."""
+    """bfloat16 autocast pays off on a GPU with bf16 and on a CPU with bf16 instructions (AMX,
+    or AVX-512 BF16 as on AMD Zen 4); other CPUs would emulate bf16, so there "auto" leaves it off."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
