@@ -188,8 +188,9 @@ def bf16_is_fast(device):
     or AVX-512 BF16 as on AMD Zen 4); other CPUs would emulate bf16, so there "auto" leaves it off."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    # torch.cpu's private helpers: looked up, since a torch version may lack or rename them
     checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return device.type == "cpu" and any(check is not None and check() for check in checks)  # private: guarded
+    return device.type == "cpu" and any(check is not None and check() for check in checks)
 
 
 def settings(args, device, checkpoint_path):

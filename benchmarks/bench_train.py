@@ -276,7 +276,7 @@ def main():
     if args.one:
         print(json.dumps(run_recipe(args.one, args.data, args.image_size, args.minutes, args.seed)))
         return
-    # A bf16 matmul without a bf16 matrix unit is emulated and takes minutes: measure it only
+    # A bf16 matmul on a CPU without bf16 instructions is emulated and takes minutes: measure it only
     # where train_vae.py would turn bf16 autocast on.
     peak = matmul_gflops()
     peak_bf16 = matmul_gflops(dtype=torch.bfloat16) if train_vae.bf16_is_fast(torch.device("cpu")) else None
@@ -290,7 +290,7 @@ def main():
     print(f"\n{args.image_size} px, {args.minutes:g} min per recipe, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; a 2048 x 2048 matmul in this run: {peak:.0f} GFLOP/s "
           f"in fp32" + (f", {peak_bf16:.0f} GFLOP/s in bf16" if peak_bf16 else " (bf16 not measured: no "
-                        "bf16 matrix unit)") + "\n")
+                        "bf16 instructions)") + "\n")
     print("| recipe | precision | minutes trained | images/s | epochs | val PSNR (dB) | val KL / image (nats) "
           "| val objective / image | peak memory (MB) | training GFLOP/s | % of fp32 matmul "
           "| % of bf16 matmul | data wait |")
