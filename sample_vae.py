@@ -37,7 +37,8 @@ INTERPOLATION_PATH = "vae_results/interpolation.png"  # strip of --interpolate (
 LATENT_MAP_PATH = "vae_results/latent_map.png"    # figure of --latent-map
 STEPS = 10                                        # points on the line of --interpolate
 SAMPLE_STEPS = 200                                # denoising steps of the learned prior
-GUIDANCE = 1.25                                   # autoguidance of the learned prior by its guide; 1: off
+GUIDANCE = 1.5                                    # autoguidance of the learned prior by its guide; 1: off
+GUIDANCE_INTERVAL = (0.2, 0.7)                    # noise levels t (1: pure noise) where autoguidance acts
 SEED = 0                                          # seeds the latents drawn by --generate
 # -----------------------------------------------------------------------------------------------
 
@@ -170,7 +171,7 @@ def generate(model, args, device, show):
         mean, std = torch.zeros(shape, device=device), torch.ones(shape, device=device)
     z = draw_latents(args.generate, mean, std, args.seed)
     if prior is not None:  # the learned prior turns that noise into a latent, step by step
-        z = sample_prior(prior, z, args.sample_steps, guide, args.guidance)
+        z = sample_prior(prior, z, args.sample_steps, guide, args.guidance, args.guidance_interval)
     guided = guide is not None and args.guidance != 1
     print(f"{args.generate} samples from the {name} prior" + (f", autoguidance {args.guidance:g}" if guided else ""))
     save_grid(model.decode(z), args.out or GENERATED_PATH, min(8, args.generate), show)
@@ -242,21 +243,27 @@ def parse_args(argv=None):
                    help="denoising steps of the learned prior")
     p.add_argument("--guidance", type=checked(float, lambda v: v >= 1, "a number of at least 1 (1 turns it off)"),
                    default=GUIDANCE, help="autoguidance of the learned prior by its smaller guide")
+    p.add_argument("--guidance-interval", nargs=2, metavar=("LO", "HI"), default=GUIDANCE_INTERVAL,
+                   type=checked(float, lambda v: 0 <= v <= 1, "a noise level from 0 to 1"),
+                   help="noise levels (1: pure noise) between which autoguidance acts")
     p.add_argument("--data", metavar="FOLDER", help="images to fit --prior data to")
     p.add_argument("--steps", type=int, default=STEPS, help="points on the --interpolate line, at least 2")
     p.add_argument("--seed", type=int, default=SEED)
     args = p.parse_args(argv)
+    args.guidance_interval = tuple(args.guidance_interval)
+    if args.guidance_interval[0] > args.guidance_interval[1]:
+        p.error(f"argument --guidance-interval: LO must not exceed HI, got {args.guidance_interval}")
     if args.steps < 2:
         p.error(f"argument --steps: needs at least 2 points (the two ends), got {args.steps}")
     # A flag that the chosen mode would ignore is said, not ignored: the user expects it to act.
-    changed = {key for key in ("prior", "sample_steps", "guidance", "steps")
+    changed = {key for key in ("prior", "sample_steps", "guidance", "guidance_interval", "steps")
                if getattr(args, key) != p.get_default(key)}
     generate, interpolate = (args.generate, "--generate N"), (args.interpolate, "--interpolate A B")
     for key, (used, mode) in (("prior", generate), ("sample_steps", generate), ("guidance", generate),
-                              ("steps", interpolate)):
+                              ("guidance_interval", generate), ("steps", interpolate)):
         if key in changed and not used:
             p.error(f"argument --{key.replace('_', '-')}: only {mode.split()[0]} uses it; add {mode}")
-    for key in changed & {"sample_steps", "guidance"}:
+    for key in changed & {"sample_steps", "guidance", "guidance_interval"}:
         if args.prior in ("normal", "data"):
             p.error(f"argument --{key.replace('_', '-')}: only the learned prior uses it, not --prior {args.prior}")
     if args.prior == "data" and not args.data:

@@ -260,7 +260,7 @@ def prior_loss(prior, z0):
 
 
 @torch.no_grad()
-def sample_prior(prior, noise, steps=200, guide=None, guidance=1.25):
+def sample_prior(prior, noise, steps=200, guide=None, guidance=1.5, interval=(0.2, 0.7)):
     """Turn noise (B, latent, h, w) into latents of the first stage in `steps` deterministic
     DDIM steps: at each step, estimate the clean latent and the noise from v, then re-mix
     them at the next, lower noise level.
@@ -269,13 +269,16 @@ def sample_prior(prior, noise, steps=200, guide=None, guidance=1.25):
     itself"): `guide` is a smaller prior trained for fewer steps on the same codes. Where the
     two disagree, the small one is the more wrong, so each step goes `guidance` times as far
     from the guide's prediction as the prior's own (1 turns it off): away from the errors the
-    weaker model makes more of, such as a patchwork of colours, without labels."""
+    weaker model makes more of, such as a patchwork of colours, without labels. It acts only
+    at noise levels t inside `interval` (Kynkäänniemi et al. 2024): near pure noise, where the
+    figure's place and size are decided, it pulls the samples away from the data's layouts;
+    in the middle of the range it sharpens colour regions most (benchmarks/README.md)."""
     z = noise
     times = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
     for t, t_next in zip(times[:-1], times[1:]):
         alpha, sigma = noise_schedule(t.expand(len(z)))
         v = prior(z, t.expand(len(z)))
-        if guide is not None and guidance != 1:
+        if guide is not None and guidance != 1 and interval[0] <= t <= interval[1]:
             v_guide = guide(z, t.expand(len(z)))
             v = v_guide + guidance * (v - v_guide)
         z0, eps = alpha * z - sigma * v, sigma * z + alpha * v

@@ -15,7 +15,8 @@ as in FID), in feature spaces that need no download:
   than a patchwork or a blur.
 
 The floor row compares real training images with the unseen ones: what "as good as real"
-reads as with this many images. The copy ratio is the mean distance from each sample to
+reads as with this many images. "One piece" is the share of images whose non-white pixels
+form one connected figure, not fragments: the texture distance alone does not see that. The copy ratio is the mean distance from each sample to
 its nearest training image (32 px pixels) over the same for the unseen images: well below
 1 means the prior copies its training set.
 """
@@ -40,6 +41,9 @@ SAMPLES = 256          # samples per row (and real images in the floor row)
 LAYOUT_SIZE = 32       # px, side of the images the layout distance compares
 LAYOUT_COMPONENTS = 16  # principal components of the layout features
 PCA_COMPONENTS = 32    # components of the full-covariance Gaussian prior (the alternative)
+NON_WHITE = 0.8        # a pixel whose darkest channel is below this ([-1, 1]) belongs to a figure
+ONE_PIECE = 0.9        # share of the figure's pixels its largest connected region must hold
+SPECK = 16             # px, regions this small are noise and not counted
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,6 +109,26 @@ class TextureFeatures(nn.Module):
         return torch.cat(rows) / self.scale
 
 
+def one_piece(images):
+    """Share of images whose largest 8-connected region of non-white pixels holds at least
+    ONE_PIECE of them. Regions are labelled by letting every pixel take the largest label
+    among its neighbours (a 3 x 3 max pool inside the mask) until nothing changes."""
+    mask = images.float().amin(1) < NON_WHITE
+    n, h, w = mask.shape
+    labels = torch.arange(1, h * w + 1, dtype=torch.float).view(1, h, w) * mask
+    while True:
+        grown = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * mask
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    whole = 0
+    for image in labels:
+        sizes = image[image > 0].unique(return_counts=True)[1]
+        sizes = sizes[sizes >= SPECK]
+        whole += len(sizes) > 0 and sizes.max().item() >= ONE_PIECE * sizes.sum().item()
+    return whole / n
+
+
 def copy_ratio(samples, unseen, train_images):
     """Mean distance to the nearest training image, samples over unseen real images."""
     train = small(train_images)
@@ -151,7 +175,8 @@ def priors(model, prior, guide, train_images, args):
             None, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps, guidance=1))
     if prior is not None:  # fit s: the whole of stage two, prior and guide
         rows["learned prior (chosen)"] = (
-            prior.seconds, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps, guide, args.guidance))
+            prior.seconds, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps, guide, args.guidance,
+                                                     args.guidance_interval))
     return rows
 
 
@@ -166,6 +191,7 @@ def main():
     p.add_argument("--samples", type=int, default=SAMPLES)
     p.add_argument("--sample-steps", type=int, default=sample_vae.SAMPLE_STEPS)
     p.add_argument("--guidance", type=float, default=sample_vae.GUIDANCE, help="autoguidance; 1 turns it off")
+    p.add_argument("--guidance-interval", nargs=2, type=float, default=sample_vae.GUIDANCE_INTERVAL)
     p.add_argument("--grids", metavar="FOLDER", help="also save 16 samples of every row here")
     args = p.parse_args()
     try:
@@ -187,10 +213,10 @@ def main():
     def row(name, samples, fit_s, draw_s):
         return (f"| {name} | {frechet_distance(layout(samples), unseen_layout):.1f} "
                 f"| {frechet_distance(texture(samples), unseen_texture):.1f} "
-                f"| {copy_ratio(samples, unseen, train_images):.2f} | {fit_s} | {draw_s} |")
+                f"| {one_piece(samples):.2f} | {copy_ratio(samples, unseen, train_images):.2f} | {fit_s} | {draw_s} |")
 
-    print("| samples | layout distance | texture distance | copy ratio | fit s | draw s |")
-    print("|---|---|---|---|---|---|")
+    print("| samples | layout distance | texture distance | one piece | copy ratio | fit s | draw s |")
+    print("|---|---|---|---|---|---|---|")
     print(row("real training images (floor)", train_images[pick], "", ""))
     tick = time.perf_counter()
     recon = torch.cat([model.decode(mu) for mu in sample_vae.encode_means(model, train_images[pick]).split(64)])

@@ -58,10 +58,14 @@ class Constant(torch.nn.Module):
 def test_autoguidance_steps_away_from_the_guide(guidance, v):
     """One DDIM step from t = 1 (alpha = 0, sigma = 1) to t = 0 lands on z0 = -v, so the
     result shows the v it used: the guide's, plus `guidance` times the prior's lead over it."""
-    z = sample_prior(Constant(1.0), torch.randn(3, 2, 4, 4), steps=1, guide=Constant(0.2), guidance=guidance)
+    z = sample_prior(Constant(1.0), torch.randn(3, 2, 4, 4), steps=1, guide=Constant(0.2), guidance=guidance,
+                     interval=(0, 1))
     assert torch.allclose(z, torch.full_like(z, -v), atol=1e-6)
     unguided = sample_prior(Constant(1.0), torch.randn(3, 2, 4, 4), steps=1, guidance=guidance)
     assert torch.allclose(unguided, torch.full_like(z, -1.0), atol=1e-6)  # no guide, no guidance
+    # One step runs at t = 1, pure noise: outside the default interval the guide is not heard.
+    outside = sample_prior(Constant(1.0), torch.randn(3, 2, 4, 4), steps=1, guide=Constant(0.2), guidance=guidance)
+    assert torch.allclose(outside, torch.full_like(z, -1.0), atol=1e-6)
 
 
 def test_training_draws_its_sample_grid_as_sample_vae_does():
@@ -70,6 +74,7 @@ def test_training_draws_its_sample_grid_as_sample_vae_does():
     defaults = inspect.signature(sample_prior).parameters
     assert defaults["steps"].default == sample_vae.SAMPLE_STEPS
     assert defaults["guidance"].default == sample_vae.GUIDANCE
+    assert defaults["interval"].default == sample_vae.GUIDANCE_INTERVAL
 
 
 def test_a_trained_prior_prefers_its_training_latents():
@@ -128,7 +133,7 @@ def test_training_saves_the_prior_and_its_guide_with_the_model(trained):
         assert grid.size == (8 * 34 + 2, 2 * 34 + 2)
 
 
-@pytest.mark.parametrize("flags, guidance, says", [([], sample_vae.GUIDANCE, "learned prior, autoguidance 1.25"),
+@pytest.mark.parametrize("flags, guidance, says", [([], sample_vae.GUIDANCE, "learned prior, autoguidance 1.5"),
                                                   (["--guidance", 3], 3.0, "learned prior, autoguidance 3"),
                                                   (["--guidance", 1], 1.0, "learned prior\n")])
 def test_generate_uses_the_learned_prior_and_its_guide_by_default(trained, tmp_path, flags, guidance, says):
@@ -272,6 +277,18 @@ def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
     assert bench_samples.frechet_distance(b, 2 * b) == pytest.approx(expected.item(), rel=1e-9)
 
 
+def test_one_piece_counts_figures_that_are_not_fragments():
+    import bench_samples
+    images = torch.ones(4, 3, 32, 32)  # white
+    images[0, :, 4:20, 4:20] = -1  # one square
+    images[1, :, 4:12, 4:12] = images[1, :, 20:28, 20:28] = -1  # two apart
+    images[2, :, 4:12, 4:12] = images[2, 0, 24:27, 24:27] = -1  # one square and a red speck
+    images[3, :, 4:12, 4:12] = images[3, :, 12:20, 12:20] = 0  # two grey squares touching corners
+    assert [bench_samples.one_piece(image[None]) for image in images] == [1, 0, 1, 1]
+    assert bench_samples.one_piece(images) == 0.75
+    assert bench_samples.one_piece(torch.ones(2, 3, 8, 8)) == 0  # nothing drawn: no figure
+
+
 def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
                              "--model", str(trained["model"]), "--data", image_folder, "--samples", "16",
@@ -284,8 +301,8 @@ def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
                      "diagonal data prior", "PCA Gaussian", "learned prior without autoguidance",
                      "learned prior (chosen)"]
     for name, row in zip(names, rows):
-        layout, texture, copy = (float(cell) for cell in row.split("|")[2:5])
-        assert layout > -1e-6 and texture > -1e-6, row
+        layout, texture, whole, copy = (float(cell) for cell in row.split("|")[2:6])
+        assert layout > -1e-6 and texture > -1e-6 and 0 <= whole <= 1, row
         # The floor's samples are training images: each is its own nearest neighbour.
         assert (copy == 0) == (name == "real training images (floor)"), row
     assert len(os.listdir(tmp_path)) == 5
@@ -298,7 +315,7 @@ def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
 
     def distances(row):
-        return row.split("|")[2:5]
+        return row.split("|")[2:6]
 
     rows_again = [line for line in again.stdout.splitlines() if line.startswith("| ") and "distance" not in line]
     assert [distances(row) for row in rows_again[:2]] == [distances(row) for row in rows[:2]]
