@@ -195,7 +195,7 @@ def test_a_prior_without_a_guide_samples_unguided_with_a_note(trained, tmp_path)
     result = run_script("sample_vae.py", "--model", tmp_path / "unguided.pth", "--generate", 3, "--seed", 2,
                         "--sample-steps", 5, "--out", tmp_path / "a.png")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "holds no guide for its prior" in result.stdout and "autoguidance 1.25" not in result.stdout
+    assert "holds no guide for its prior" in result.stdout and ", autoguidance" not in result.stdout
     noise = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = grid_pixels(model.decode(sample_prior(prior, noise, 5)), 3)
