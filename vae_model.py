@@ -275,10 +275,13 @@ def sample_prior(prior, noise, steps=200, guide=None, guidance=1.5, interval=(0.
     in the middle of the range it sharpens colour regions most (benchmarks/README.md)."""
     z = noise
     times = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
-    for t, t_next in zip(times[:-1], times[1:]):
+    # Decided once on the CPU: a tensor comparison in the loop would wait for the GPU each step.
+    guided = [guide is not None and guidance != 1 and interval[0] <= t <= interval[1]
+              for t in times[:-1].tolist()]
+    for t, t_next, guide_here in zip(times[:-1], times[1:], guided):
         alpha, sigma = noise_schedule(t.expand(len(z)))
         v = prior(z, t.expand(len(z)))
-        if guide is not None and guidance != 1 and interval[0] <= t <= interval[1]:
+        if guide_here:
             v_guide = guide(z, t.expand(len(z)))
             v = v_guide + guidance * (v - v_guide)
         z0, eps = alpha * z - sigma * v, sigma * z + alpha * v
