@@ -26,7 +26,8 @@ from torchvision.utils import make_grid
 
 from train_vae import (UserError, checked, image_files, load_images, open_rgb, pick_device, positive_int,
                        save_png, to_model_range, to_square)
-from vae_model import CheckpointError, atomic_write, load_prior, load_vae, psnr, sample_prior, vae_loss
+from latent_prior import load_prior, sample_prior
+from vae_model import CheckpointError, atomic_write, load_vae, psnr, vae_loss
 
 # -----------------------------------------------------------------------------------------------
 MODEL_PATH = "vae_model.pth"                      # checkpoint written by train_vae.py

@@ -5,7 +5,7 @@ Train the VAE of vae_model.py on Pokémon images, then a learned prior over its 
     python train_vae.py --data path/to/folder    # any folder of images, offline
 
 Read top to bottom: settings, loading, augmentation, the device, one epoch, evaluation and
-pictures, stage two (the learned prior), train() which joins them, and the command line.
+pictures, stage two (the prior of latent_prior.py), train() which joins them, the command line.
 """
 import argparse
 import io
@@ -28,8 +28,9 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from vae_model import (VAE, CheckpointError, LatentPrior, atomic_write, load_checkpoint, prior_loss, psnr,
-                       sample_prior, save_checkpoint, vae_checkpoint, vae_loss)
+from latent_prior import fit_prior, sample_prior
+from vae_model import (VAE, CheckpointError, atomic_write, load_checkpoint, psnr, save_checkpoint, vae_checkpoint,
+                       vae_loss)
 
 # -----------------------------------------------------------------------------------------------
 DATASET = "svjack/pokemon-blip-captions-en-zh"  # Hub data set name, or a local folder of images
@@ -70,8 +71,7 @@ class UserError(Exception):
 # --- Loading: every image decoded once, as RGB on white, padded square and resized ----------
 
 def image_files(source):
-    """Every file of a local folder and its subfolders, whatever their names (no split is
-    inferred from names like test_1.png or train/); or the encoded images of a Hub data set."""
+    """Every file under a local folder (no split inferred from names), or a Hub data set's images."""
     if os.path.isdir(source):
         files = sorted(os.path.join(root, name) for root, _, names in os.walk(source) for name in names
                        if not name.startswith("."))
@@ -98,8 +98,7 @@ def image_files(source):
 
 
 def hub_reachable():
-    """One quick connect. Offline, huggingface_hub retries five times with growing pauses
-    (half a minute or more) and has no setting to stop that."""
+    # One quick connect: offline, huggingface_hub retries for half a minute, and no setting stops it.
     if datasets.config.HF_HUB_OFFLINE or any(map(os.environ.get, ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))):
         return True  # the local cache was asked for; or behind a proxy, where a connect proves nothing
     url = urllib.parse.urlparse(datasets.config.HF_ENDPOINT)
@@ -129,8 +128,7 @@ def to_square(image, size):
 
 
 def load_images(files, size, source):
-    """All images as one uint8 tensor (N, 3, size, size), decoded and resized once per run:
-    the epochs then read memory, not image files. Unreadable files are skipped and counted."""
+    """All images as one uint8 tensor (N, 3, size, size), decoded once: the epochs read memory."""
     images = []
     for file in tqdm(files, desc=f"loading images at {size} px", leave=False):
         try:
@@ -156,10 +154,9 @@ def split(images, fraction, seed):
 # --- Augmentation: on uint8 batches already in memory, on the training device --------------
 
 def make_augment(rotation=ROTATION):
-    """Random flip, rotation and light colour jitter (no hue shift: a blue Pikachu is no Pikachu).
-    Called on a batch, a v2 transform draws one flip, angle and shift for all of it, cheaper than
-    one call per image (benchmarks/README.md); batches are reshuffled every epoch, so an image
-    still meets a new one each time it is seen."""
+    """Flip, rotation and light colour jitter (no hue shift: a blue Pikachu is no Pikachu). A v2
+    transform on a batch draws one flip and angle for all of it, cheaper than one per image;
+    batches are reshuffled every epoch, so an image still meets a new one each time."""
     return v2.Compose([v2.RandomHorizontalFlip(),
                        v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=255),
                        v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1)])
@@ -184,11 +181,10 @@ def pick_device(name):
 
 
 def bf16_is_fast(device):
-    """bfloat16 autocast pays off on a GPU with bf16 and on a CPU with bf16 instructions (AMX,
-    or AVX-512 BF16 as on AMD Zen 4); other CPUs would emulate bf16, so there "auto" leaves it off."""
+    """bfloat16 pays off on a GPU with bf16 and on a CPU with bf16 instructions (AMX, AVX-512
+    BF16); other CPUs emulate it. torch.cpu's helpers are private, so looked up, not assumed."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    # torch.cpu's private helpers: looked up, since a torch version may lack or rename them
     checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     return device.type == "cpu" and any(check is not None and check() for check in checks)
 
@@ -203,20 +199,18 @@ def settings(args, device, checkpoint_path):
         except (FileNotFoundError, CheckpointError):
             raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
                             "start a new run without --resume") from None
-        # The VAE keeps the settings it started with; the device, the prior's settings (stage
-        # two starts afresh) and an --out given now come from this command line.
+        # The VAE keeps its settings; the device, the prior's (stage two starts afresh) and an
+        # --out given now come from this command line.
         defaults = vars(parse_args([]))
         fresh = {key: value for key, value in vars(args).items() if key in ("device", "resume", "results_dir")
                  or key.startswith("prior_") or key == "out" and value != defaults[key]}
-        ignored = sorted(key for key, value in vars(args).items() if key in resumed["args"]
-                         and key not in fresh and value not in (defaults[key], resumed["args"][key]))
+        ignored = [f"--{key.replace('_', '-')}" for key, value in vars(args).items() if key in resumed["args"]
+                   and key not in fresh and value not in (defaults[key], resumed["args"][key])]
         if ignored:
-            print("note: a resumed run keeps the settings it started with; ignoring "
-                  + ", ".join("--" + key.replace("_", "-") for key in ignored))
+            print(f"note: a resumed run keeps the settings it started with; ignoring {', '.join(sorted(ignored))}")
         args = argparse.Namespace(**{**vars(args), **resumed["args"], **fresh})
     cpu = device.type != "cuda"
-    unset = ["--" + key.replace("_", "-") for key in ("image_size", "epochs", "batch_size")
-             if getattr(args, key) is None]
+    unset = [f"--{key.replace('_', '-')}" for key in ("image_size", "epochs", "batch_size") if not getattr(args, key)]
     args.image_size = args.image_size or (CPU_IMAGE_SIZE if cpu else IMAGE_SIZE)
     args.epochs = args.epochs or (CPU_EPOCHS if cpu else EPOCHS)
     args.batch_size = args.batch_size or (CPU_BATCH_SIZE if cpu else BATCH_SIZE)
@@ -231,8 +225,8 @@ def settings(args, device, checkpoint_path):
 # --- One epoch of training ----------------------------------------------------------------------
 
 def train_one_epoch(model, images, augment, optimizer, scheduler, shuffle, args, device, epoch):
-    """One pass over the shuffled training images; returns the mean MSE and KL per image. The
-    losses are summed as tensors and read once, so the loop never waits for the device."""
+    """One pass over the shuffled images; the mean MSE and KL per image, summed on the device
+    and read once, so that the loop never waits for it."""
     batches = torch.randperm(len(images), generator=shuffle).split(args.batch_size)
     sums = torch.zeros(2, device=device)
     for pick in tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", leave=False):
@@ -254,7 +248,7 @@ def train_one_epoch(model, images, augment, optimizer, scheduler, shuffle, args,
 
 @torch.no_grad()
 def evaluate(model, images, device, kl_weight, batch_size=32):
-    """Validation loss, MSE, KL and PSNR per image, decoding mu (the deterministic reconstruction)."""
+    """Validation loss, MSE, KL and PSNR per image, decoding mu: the deterministic reconstruction."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)
     for batch in images.split(batch_size):
@@ -275,10 +269,10 @@ def save_png(images, path, nrow=8):
 
 @torch.no_grad()
 def save_pictures(model, grid_images, noise, epoch, results_dir):
-    model.eval()
-    x = to_model_range(grid_images).contiguous(memory_format=torch.channels_last)
     # Originals on the top row, their reconstructions underneath; then samples of the same
     # fixed noise every time, so that successive grids show how the decoder develops.
+    model.eval()
+    x = to_model_range(grid_images).contiguous(memory_format=torch.channels_last)
     save_png(torch.cat([x, model.decode(model.encode(x)[0])]), f"{results_dir}/recon_epoch_{epoch:03d}.png", len(x))
     save_png(model.decode(noise), f"{results_dir}/samples_epoch_{epoch:03d}.png")
     model.train()
@@ -308,53 +302,30 @@ def plot_loss_curve(metrics, results_dir):
 
 # --- Stage two: a learned prior over the trained VAE's latent space ---------------------------
 
-def fit_prior(mus, width, steps, desc, generator, args, device, stop):
-    """Train one LatentPrior on the codes; returns a moving average of its weights, which
-    samples more cleanly than the last step's (as in every diffusion model since Ho et al.
-    2020), or None after Ctrl-C."""
-    prior = LatentPrior(args.latent_channels, width, mus.mean((0, 2, 3)), mus.std((0, 2, 3))).to(device)
-    ema = torch.optim.swa_utils.AveragedModel(
-        prior, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True)
-    optimizer = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    for _ in tqdm(range(steps), desc=desc, leave=False):
-        if stop:
-            return None
-        pick = torch.randint(len(mus), (args.prior_batch_size,), generator=generator).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_amp):
-            loss = prior_loss(prior, mus[pick])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        ema.update_parameters(prior)
-    if not math.isfinite(loss.item()):
-        raise UserError(f"the prior's loss became {loss.item()}; lower --prior-lr (now {args.prior_lr})")
-    return ema.module.eval()
-
-
 def train_prior(model, images, args, device, stop):
-    """Fit LatentPrior to the latent means of the training images and of their mirror images
-    (a Pokémon facing the other way is still a Pokémon). Not the training augmentation: the
+    """Fit the prior to the latent means of the training images and of their mirror images (a
+    Pokémon facing the other way is still a Pokémon). Not to the training augmentation: the
     prior learns to draw whatever its codes show, and a rotated copy shows a tilted frame, a
-    darker or paler one a grey background. Means, not samples z ~ q(z|x): the posterior's
-    noise is about as large as the means' spread, and a prior of samples would spend itself on
-    noise the decoder ignores. Then the guide, smaller and shorter, on the same codes, so that
-    both standardise the latent alike and their predictions can be mixed; it trains after the
+    darker one a grey background. Means, not samples z ~ q(z|x): the posterior's noise is about
+    as large as the means' spread, and the decoder ignores it. Then the guide, smaller and
+    shorter, on the same codes, so that both standardise the latent alike; it trains after the
     prior, which thus trains exactly as it would alone. Returns (prior, guide or None), or None
     after Ctrl-C."""
-    generator = torch.Generator().manual_seed(args.seed)
     model.eval()
     with torch.no_grad():
         mus = torch.cat([model.encode(to_model_range(x.to(device)).contiguous(memory_format=torch.channels_last))[0]
                          for batch in images.split(32) for x in (batch, batch.flip(-1))]).float()
-    prior = fit_prior(mus, args.prior_width, args.prior_steps, "stage two: learned prior", generator, args,
-                      device, stop)
-    if prior is None or not args.prior_guide_steps:
-        return None if prior is None else (prior, None)
-    guide = fit_prior(mus, args.prior_guide_width, args.prior_guide_steps, "stage two: its guide", generator,
-                      args, device, stop)
-    return None if guide is None else (prior, guide)
+    generator, fits = torch.Generator().manual_seed(args.seed), []
+    for width, steps, what in ((args.prior_width, args.prior_steps, "learned prior"),
+                               (args.prior_guide_width, args.prior_guide_steps, "its guide")):
+        try:
+            fits.append(fit_prior(mus, width, steps, args.prior_batch_size, args.prior_lr, generator, args.use_amp,
+                                  stop, f"stage two: {what}") if steps else None)
+        except FloatingPointError as error:
+            raise UserError(f"{error}; lower --prior-lr (now {args.prior_lr})") from None
+        if stop:
+            return None
+    return tuple(fits)
 
 
 # --- The run ------------------------------------------------------------------------------------------
@@ -369,15 +340,14 @@ def train(args):
     torch.manual_seed(args.seed)
     train_images, val_images = split(images, args.val_fraction, args.seed)
     print(f"{len(train_images)} training and {len(val_images)} validation images from {args.data}")
-    augment = make_augment(args.rotation)
-    val_images = val_images.to(device)
+    augment, val_images = make_augment(args.rotation), val_images.to(device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
 
     # channels_last (NHWC) is the layout the oneDNN and cuDNN convolution kernels prefer.
     model = VAE(args.image_size, args.latent_channels, args.channels).to(device, memory_format=torch.channels_last)
-    noise = torch.randn(16, args.latent_channels, args.image_size // 8, args.image_size // 8,
-                        generator=torch.Generator().manual_seed(args.seed)).to(device)
+    side = args.image_size // 8
+    noise = torch.randn(16, args.latent_channels, side, side, generator=torch.Generator().manual_seed(args.seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps = args.epochs * math.ceil(len(train_images) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, steps, pct_start=args.warmup)
@@ -393,18 +363,18 @@ def train(args):
         print(f"resuming after epoch {saved_epoch} of {args.epochs} from {checkpoint_path}")
     step_model = torch.compile(model) if args.compile else model  # the same weights, compiled
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-          f"latent {args.latent_channels} x {args.image_size // 8} x {args.image_size // 8}")
+          f"latent {args.latent_channels} x {side} x {side}")
 
-    # Ctrl-C only raises a flag: the epoch (or the prior's step) under way ends, is saved, and
-    # the run stops cleanly. A second Ctrl-C stops at once; the saves are atomic either way.
+    # Ctrl-C only raises a flag: the epoch (or prior step) under way ends, is saved, and the run
+    # stops cleanly. A second Ctrl-C stops at once; the saves are atomic either way.
     stop = []
     def on_ctrl_c(signum, frame):
         stop.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print("\nCtrl-C: stopping after this epoch (press it again to stop at once)", file=sys.stderr)
     signal.signal(signal.SIGINT, on_ctrl_c)
-    # The command that continues this run. A resumed VAE keeps its settings, but the prior takes
-    # the flags of the new command line, so this run's own are repeated in it.
+    # The command that continues this run: the prior takes the flags of its command line, so
+    # this run's own are repeated in it.
     defaults = vars(parse_args([]))
     resume = " ".join(["python train_vae.py --resume"] + [
         f"--{key.replace('_', '-')} {shlex.quote(str(value))}" for key, value in vars(args).items()
@@ -413,7 +383,7 @@ def train(args):
     for epoch in range(saved_epoch + 1, args.epochs + 1):
         tick = time.perf_counter()
         mse, kl = train_one_epoch(step_model, train_images, augment, optimizer, scheduler, shuffle, args, device, epoch)
-        seconds = time.perf_counter() - tick
+        seconds = time.perf_counter() - tick  # the epoch's training alone, without its evaluation
         row = {"epoch": epoch, "train_mse": mse, "train_kl": kl, **evaluate(model, val_images, device, args.kl_weight),
                "images_per_s": len(train_images) / seconds, "elapsed_s": time.perf_counter() - started}
         # A non-finite loss or weight is never saved: the last good checkpoint stays as it is.
@@ -426,7 +396,7 @@ def train(args):
               f"val psnr {row['val_psnr']:5.2f} dB  {row['images_per_s']:5.1f} img/s")
         write_metrics(metrics, args.results_dir)
         if epoch % args.save_every == 0 or epoch == args.epochs:
-            save_pictures(model, val_images[:GRID_IMAGES], noise, epoch, args.results_dir)
+            save_pictures(model, val_images[:GRID_IMAGES], noise.to(device), epoch, args.results_dir)
         # Every epoch: everything needed to continue exactly here after a crash or Ctrl-C.
         save_checkpoint({**vae_checkpoint(model), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics,
@@ -452,8 +422,8 @@ def train(args):
         checkpoint["prior"]["seconds"] = time.perf_counter() - tick  # for benchmarks/bench_samples.py
         save_checkpoint(checkpoint, args.out)
         with torch.no_grad():
-            z = sample_prior(priors[0], noise, guide=priors[1])
-            save_png(model.decode(z), f"{args.results_dir}/samples_learned_prior.png")
+            save_png(model.decode(sample_prior(priors[0], noise.to(device), guide=priors[1])),
+                     f"{args.results_dir}/samples_learned_prior.png")
         print(f"learned prior done in {(time.perf_counter() - tick) / 60:.1f} min; saved with the VAE to {args.out}")
     print(f"pictures and metrics in {args.results_dir}/")
     return 0
@@ -476,40 +446,39 @@ def checked(kind, ok, rule):
 positive_int = checked(int, lambda v: v > 0, "a positive whole number")
 positive_float = checked(float, lambda v: v > 0, "a positive number")
 fraction = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
+steps_or_0 = checked(int, lambda v: v >= 0, "zero or a positive whole number")
+width = checked(int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, like 64")
+channel_list = checked(lambda text: [int(w) for w in text.split(",")], lambda ws: len(ws) == 3 and all(
+    w >= 4 and w % 4 == 0 for w in ws), "three comma-separated multiples of 4, like 32,64,128")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a convolutional VAE on Pokémon images, then a learned prior.")
+    by_device = "default {} with a CUDA GPU, {} without".format
     p.add_argument("--data", default=DATASET, help="Hub data set name or local image folder")
-    p.add_argument("--epochs", type=positive_int, help=f"default {EPOCHS} with a CUDA GPU, {CPU_EPOCHS} without")
-    p.add_argument("--image-size", type=checked(int, lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 "
-                   "(the encoder halves the image three times)"),
-                   help=f"px, a multiple of 8; default {IMAGE_SIZE} with a CUDA GPU, {CPU_IMAGE_SIZE} without")
-    p.add_argument("--batch-size", type=positive_int,
-                   help=f"default {BATCH_SIZE} with a CUDA GPU, {CPU_BATCH_SIZE} without")
+    p.add_argument("--epochs", type=positive_int, help=by_device(EPOCHS, CPU_EPOCHS))
+    p.add_argument("--image-size", type=checked(int, lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 (the "
+                   "encoder halves the image three times)"), help="px; " + by_device(IMAGE_SIZE, CPU_IMAGE_SIZE))
+    p.add_argument("--batch-size", type=positive_int, help=by_device(BATCH_SIZE, CPU_BATCH_SIZE))
     p.add_argument("--lr", type=positive_float, default=LEARNING_RATE, help="peak learning rate")
     p.add_argument("--warmup", type=fraction, default=WARMUP, help="share of the steps spent warming up")
     p.add_argument("--kl-weight", type=checked(float, lambda v: v >= 0, "zero or positive"), default=KL_WEIGHT)
     p.add_argument("--latent-channels", type=positive_int, default=LATENT_CHANNELS)
-    p.add_argument("--channels", default=CHANNELS, help="widths at 1/2, 1/4, 1/8 of the image, e.g. 32,64,128",
-                   type=checked(lambda text: [int(w) for w in text.split(",")], lambda ws: len(ws) == 3 and all(
-                       w >= 4 and w % 4 == 0 for w in ws), "three comma-separated multiples of 4, like 32,64,128"))
+    p.add_argument("--channels", type=channel_list, default=CHANNELS, help="widths at 1/2, 1/4, 1/8 of the image")
     p.add_argument("--val-fraction", type=fraction, default=VAL_FRACTION)
     p.add_argument("--rotation", type=checked(float, lambda v: 0 <= v <= 180, "an angle from 0 to 180 degrees"),
                    default=ROTATION, help="degrees, largest random rotation of a training image")
     p.add_argument("--save-every", type=positive_int, default=SAVE_EVERY, help="epochs between picture grids")
     p.add_argument("--amp", choices=["auto", "on", "off"], default=AMP, help="bfloat16 autocast")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE, help="torch.compile the model")
-    p.add_argument("--prior-steps", type=checked(int, lambda v: v >= 0, "zero or a positive whole number"),
-                   default=PRIOR_STEPS, help="optimizer steps of the learned prior; 0 skips stage two")
+    p.add_argument("--prior-steps", type=steps_or_0, default=PRIOR_STEPS,
+                   help="optimizer steps of the learned prior; 0 skips stage two")
     p.add_argument("--prior-batch-size", type=positive_int, default=PRIOR_BATCH_SIZE)
     p.add_argument("--prior-lr", type=positive_float, default=PRIOR_LR)
-    p.add_argument("--prior-width", type=checked(int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, like 64"),
-                   default=PRIOR_WIDTH, help="channels of the prior's U-Net")
-    p.add_argument("--prior-guide-steps", type=checked(int, lambda v: v >= 0, "zero or a positive whole number"),
-                   default=PRIOR_GUIDE_STEPS, help="optimizer steps of the prior's guide; 0 trains none")
-    p.add_argument("--prior-guide-width", type=checked(int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, "
-                   "like 32"), default=PRIOR_GUIDE_WIDTH, help="channels of the guide's U-Net")
+    p.add_argument("--prior-width", type=width, default=PRIOR_WIDTH, help="channels of the prior's U-Net")
+    p.add_argument("--prior-guide-steps", type=steps_or_0, default=PRIOR_GUIDE_STEPS,
+                   help="optimizer steps of the prior's guide; 0 trains none")
+    p.add_argument("--prior-guide-width", type=width, default=PRIOR_GUIDE_WIDTH, help="channels of the guide's U-Net")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", default=MODEL_PATH, help="where to save the final model")

@@ -15,7 +15,8 @@ from PIL import Image
 
 import sample_vae
 from conftest import HF_HOME, ROOT, assert_user_error, grid_pixels, run_script
-from vae_model import VAE, LatentPrior, load_prior, load_vae, prior_loss, sample_prior, vae_checkpoint
+from latent_prior import LatentPrior, load_prior, prior_loss, sample_prior
+from vae_model import VAE, load_vae, vae_checkpoint
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -108,6 +109,7 @@ def test_the_prior_learns_the_codes_of_the_training_images_and_their_mirrors(mon
     seen = []
     monkeypatch.setattr(train_vae, "fit_prior", lambda mus, *rest: seen.append(mus) or "prior")
     args = train_vae.parse_args(["--prior-guide-steps", "0"])
+    args.use_amp = False  # set by settings(), which train() calls first
     assert train_vae.train_prior(model, images, args, torch.device("cpu"), stop=[]) == ("prior", None)
     with torch.no_grad():
         expected = [model.encode(train_vae.to_model_range(x))[0] for x in (images, images.flip(-1))]

@@ -14,7 +14,8 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 import train_vae
 from conftest import ROOT, HF_HOME, assert_user_error, blob_image, make_folder, run_script, train_in_process
-from vae_model import VAE, atomic_write, load_prior, load_vae
+from latent_prior import load_prior
+from vae_model import VAE, atomic_write, load_vae
 
 
 def read_metrics(results):

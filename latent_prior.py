@@ -1,0 +1,188 @@
+"""
+Stage two: a learned prior over the VAE's latent space, a small denoising diffusion model.
+
+N(0, I) is the prior the KL term pulls toward, but with a weak KL weight the encoder's codes
+fill only a thin, structured part of that space: decoding plain noise paints independent colour
+patches. So, as Stable Diffusion does on top of its VAE, a second model learns where the codes
+really are: it is trained to remove noise from noised latents, and sampling starts from pure
+noise and removes it step by step (Ho et al. 2020, "Denoising Diffusion Probabilistic Models";
+deterministic steps as in Song et al. 2021, "DDIM").
+
+Read top to bottom: the network, the noise schedule and the loss, training, sampling, loading.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vae_model import load_checkpoint, norm, rebuild
+
+
+# --- The network: a small U-Net over the latent image ----------------------------------------
+
+class DenoiserBlock(nn.Module):
+    """A residual block that also hears the noise level: a learned shift per channel."""
+
+    def __init__(self, in_channels, out_channels, time_dim):
+        super().__init__()
+        self.conv1 = nn.Sequential(norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.time = nn.Linear(time_dim, out_channels)
+        self.conv2 = nn.Sequential(norm(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x, t_embedding):
+        h = self.conv1(x) + self.time(t_embedding)[:, :, None, None]
+        return self.skip(x) + self.conv2(h)
+
+
+class Attention(nn.Module):
+    """Self-attention over the positions of a feature map: a convolution sees only its
+    neighbours, attention lets every position see the whole figure at once."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = norm(channels)
+        self.attention = nn.MultiheadAttention(channels, num_heads=4, batch_first=True)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, h * w, C)
+        mixed = self.attention(tokens, tokens, tokens, need_weights=False)[0]
+        return x + mixed.transpose(1, 2).reshape(b, c, h, w)
+
+
+class LatentPrior(nn.Module):
+    """A two-level U-Net over the latent image that predicts v = alpha * noise - sigma * z0
+    from a noised latent z_t = alpha * z0 + sigma * noise. Predicting v rather than the
+    noise stays well-posed at both ends of the schedule (Salimans and Ho 2022)."""
+
+    def __init__(self, latent_channels=8, width=64, latent_mean=None, latent_std=None):
+        super().__init__()
+        self.config = dict(latent_channels=latent_channels, width=width)
+        # The codes are standardised per channel, so that noise of std 1 drowns them fully.
+        shape = (1, latent_channels, 1, 1)
+        self.register_buffer("latent_mean", torch.zeros(shape) if latent_mean is None else latent_mean.view(shape))
+        self.register_buffer("latent_std", torch.ones(shape) if latent_std is None else latent_std.view(shape))
+        w, t = width, 4 * width
+        self.time = nn.Sequential(nn.Linear(w, t), nn.SiLU(), nn.Linear(t, t))
+        self.inp = nn.Conv2d(latent_channels, w, 3, padding=1)
+        self.down = nn.ModuleList([DenoiserBlock(w, w, t), DenoiserBlock(w, w, t)])       # h x w
+        self.downsample = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
+        self.middle = nn.ModuleList([DenoiserBlock(2 * w, 2 * w, t), DenoiserBlock(2 * w, 2 * w, t)])  # h/2
+        self.attention = Attention(2 * w)
+        self.upsample = nn.Conv2d(2 * w, w, 3, padding=1)
+        self.up = nn.ModuleList([DenoiserBlock(2 * w, w, t), DenoiserBlock(w, w, t)])     # h x w again
+        self.out = nn.Sequential(norm(w), nn.SiLU(), nn.Conv2d(w, latent_channels, 3, padding=1))
+
+    def embed_time(self, t):
+        # Sinusoids of many frequencies, as for the positions of a transformer.
+        half = self.config["width"] // 2
+        frequencies = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device) / half)
+        angles = 1000.0 * t[:, None] * frequencies[None]
+        return self.time(torch.cat([angles.sin(), angles.cos()], dim=1))
+
+    def forward(self, z_t, t):
+        e = self.embed_time(t)
+        h = self.inp(z_t)
+        for block in self.down:
+            h = block(h, e)
+        skip = h
+        h = self.downsample(h)
+        for block in self.middle:
+            h = block(h, e)
+        h = self.attention(h)
+        # Back to the skip's size, not simply 2x: an odd side (40 px images) halves unevenly.
+        h = self.upsample(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
+        h = self.up[0](torch.cat([h, skip], dim=1), e)  # the skip brings back the fine detail
+        return self.out(self.up[1](h, e))
+
+
+# --- Noise schedule and loss ------------------------------------------------------------------
+
+def noise_schedule(t):
+    """Cosine schedule (Nichol and Dhariwal 2021): at time t in [0, 1] a latent is
+    alpha * z0 + sigma * noise with alpha^2 + sigma^2 = 1; t = 0 is clean, t = 1 pure noise."""
+    angle = t * math.pi / 2
+    return torch.cos(angle).view(-1, 1, 1, 1), torch.sin(angle).view(-1, 1, 1, 1)
+
+
+def prior_loss(prior, z0):
+    """Mean squared error of the predicted v at a random noise level per latent. A mean, not
+    a sum: this is a regression loss, with no likelihood to balance it against."""
+    z0 = (z0 - prior.latent_mean) / prior.latent_std
+    t = torch.rand(len(z0), device=z0.device)
+    alpha, sigma = noise_schedule(t)
+    noise = torch.randn_like(z0)
+    v = alpha * noise - sigma * z0
+    return F.mse_loss(prior(alpha * z0 + sigma * noise, t), v)
+
+
+# --- Training ------------------------------------------------------------------------------------
+
+def fit_prior(codes, width, steps, batch_size, lr, generator, use_amp=False, stop=(), desc="learned prior"):
+    """Train one LatentPrior on the codes (N, latent, h, w). Returns a moving average of its
+    weights, which samples more cleanly than the last step's (as diffusion models have since
+    Ho et al. 2020); None once `stop` is non-empty (Ctrl-C); raises FloatingPointError when the
+    loss is no longer finite."""
+    device = codes.device
+    prior = LatentPrior(codes.shape[1], width, codes.mean((0, 2, 3)), codes.std((0, 2, 3))).to(device)
+    ema = torch.optim.swa_utils.AveragedModel(
+        prior, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True)
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    for _ in tqdm(range(steps), desc=desc, leave=False):
+        if stop:
+            return None
+        pick = torch.randint(len(codes), (batch_size,), generator=generator).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = prior_loss(prior, codes[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        ema.update_parameters(prior)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"the prior's loss became {loss.item()}")
+    return ema.module.eval()
+
+
+# --- Sampling --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_prior(prior, noise, steps=200, guide=None, guidance=1.5, interval=(0.2, 0.7)):
+    """Turn noise (B, latent, h, w) into latents of the first stage in `steps` deterministic
+    DDIM steps: at each step, estimate the clean latent and the noise from v, then re-mix
+    them at the next, lower noise level.
+
+    Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
+    itself"): `guide` is a smaller prior trained for fewer steps on the same codes. Where the
+    two disagree, the small one is the more wrong, so each step goes `guidance` times as far
+    from the guide's prediction as the prior's own (1 turns it off): away from the errors the
+    weaker model makes more of, such as a patchwork of colours, without labels. It acts only
+    at noise levels t inside `interval` (Kynkäänniemi et al. 2024): near pure noise, where the
+    figure's place and size are decided, it pulls the samples away from the data's layouts;
+    in the middle of the range it sharpens colour regions most (benchmarks/README.md)."""
+    z = noise
+    times = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
+    # Decided once on the CPU: a tensor comparison in the loop would wait for the GPU each step.
+    guided = [guide is not None and guidance != 1 and interval[0] <= t <= interval[1]
+              for t in times[:-1].tolist()]
+    for t, t_next, guide_here in zip(times[:-1], times[1:], guided):
+        alpha, sigma = noise_schedule(t.expand(len(z)))
+        v = prior(z, t.expand(len(z)))
+        if guide_here:
+            v_guide = guide(z, t.expand(len(z)))
+            v = v_guide + guidance * (v - v_guide)
+        z0, eps = alpha * z - sigma * v, sigma * z + alpha * v
+        alpha_next, sigma_next = noise_schedule(t_next.expand(len(z)))
+        z = alpha_next * z0 + sigma_next * eps
+    return z * prior.latent_std + prior.latent_mean
+
+
+def load_prior(path, map_location="cpu", name="prior"):
+    """The learned prior (or, with name="guide", its guide) stored next to the VAE in `path`,
+    or None for a checkpoint without one."""
+    entry = load_checkpoint(path, map_location).get(name)
+    return None if entry is None else rebuild(LatentPrior, entry, path, f"a {name} that does not").to(map_location)
