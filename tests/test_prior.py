@@ -289,6 +289,8 @@ def test_one_piece_counts_figures_that_are_not_fragments():
     assert [bench_samples.one_piece(image[None]) for image in images] == [1, 0, 1, 1]
     assert bench_samples.one_piece(images) == 0.75
     assert bench_samples.one_piece(torch.ones(2, 3, 8, 8)) == 0  # nothing drawn: no figure
+    images[0, :, 1:31, 1:31] = -1  # one piece, but it fills the frame: not a figure on white
+    assert bench_samples.one_piece(images[:1]) == 0
 
 
 def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
