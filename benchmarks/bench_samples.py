@@ -16,10 +16,10 @@ as in FID), in feature spaces that need no download:
 
 The floor row compares real training images with the unseen ones: what "as good as real"
 reads as with this many images. "One piece" is the share of images that show one figure on
-white: one connected figure, not fragments, that leaves the frame's edge mostly white; the texture
-distance alone does not see that. The copy ratio is the mean distance from each sample to
-its nearest training image (32 px pixels) over the same for the unseen images: well below 1
-means the prior copies.
+white: one connected figure, not fragments, that leaves the frame's edge mostly white; the
+texture distance alone does not see that. The copy ratio is the mean distance from each
+sample to its nearest training image (32 px pixels) over the same for the unseen images: well
+below 1 means the prior copies.
 """
 import argparse
 import functools

@@ -331,3 +331,19 @@ def test_bench_samples_names_a_missing_model(image_folder, tmp_path):
                              "--model", str(tmp_path / "none.pth"), "--data", image_folder],
                             capture_output=True, text=True, timeout=300)
     assert_user_error(result, "none.pth", "train_vae.py")
+
+
+def test_a_prior_whose_loss_is_not_finite_ends_in_a_clear_message(monkeypatch):
+    import train_vae
+    from latent_prior import fit_prior
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        fit_prior(torch.full((4, 2, 4, 4), float("nan")), 8, 2, 2, 1e-3, torch.Generator().manual_seed(0))
+
+    def diverge(*args, **kwargs):
+        raise FloatingPointError("the prior's loss became nan")
+    monkeypatch.setattr(train_vae, "fit_prior", diverge)
+    args = train_vae.parse_args(["--prior-lr", "0.5"])
+    args.use_amp = False
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    with pytest.raises(train_vae.UserError, match=r"loss became nan; lower --prior-lr \(now 0.5\)"):
+        train_vae.train_prior(VAE(16, 2, (8, 8, 8)).eval(), images, args, torch.device("cpu"), stop=[])
