@@ -181,8 +181,10 @@ def sample_prior(prior, noise, steps=200, guide=None, guidance=1.5, interval=(0.
     return z * prior.latent_std + prior.latent_mean
 
 
-def load_prior(path, map_location="cpu", name="prior"):
-    """The learned prior (or, with name="guide", its guide) stored next to the VAE in `path`,
-    or None for a checkpoint without one."""
-    entry = load_checkpoint(path, map_location).get(name)
-    return None if entry is None else rebuild(LatentPrior, entry, path, f"a {name} that does not").to(map_location)
+def load_prior(path, map_location="cpu"):
+    """(prior, guide): the learned prior and its guide stored next to the VAE in `path`, each
+    None where the checkpoint holds none (trained with --prior-steps 0, or by an older version)."""
+    checkpoint = load_checkpoint(path, map_location)
+    return tuple(None if checkpoint.get(name) is None else
+                 rebuild(LatentPrior, checkpoint[name], path, f"a {name} that does not").to(map_location)
+                 for name in ("prior", "guide"))

@@ -12,7 +12,6 @@ The model is rebuilt from the checkpoint's own config, never from constants here
 one small function; every figure is saved, and shown only where a display exists.
 """
 import argparse
-import functools
 import math
 import os
 import sys
@@ -146,9 +145,8 @@ def pick_prior(args, device):
     N(0, I), with a note). The guide is None, also with a note, where the model has none."""
     if args.prior not in (None, "learned"):
         return args.prior, None, None
-    prior = load_model(args.model, device, loader=load_prior)
+    prior, guide = load_model(args.model, device, loader=load_prior)
     if prior is not None:
-        guide = load_model(args.model, device, loader=functools.partial(load_prior, name="guide"))
         if guide is None and args.guidance != 1:
             print(f"note: {args.model} holds no guide for its prior (trained with --prior-guide-steps 0 or by "
                   "an older version); sampling without autoguidance")

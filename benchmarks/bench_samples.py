@@ -22,7 +22,6 @@ sample to its nearest training image (32 px pixels) over the same for the unseen
 below 1 means the prior copies.
 """
 import argparse
-import functools
 import os
 import re
 import sys
@@ -205,8 +204,7 @@ def main():
     args = p.parse_args()
     try:
         model = sample_vae.load_model(args.model, "cpu")
-        prior = sample_vae.load_model(args.model, "cpu", loader=load_prior)
-        guide = sample_vae.load_model(args.model, "cpu", loader=functools.partial(load_prior, name="guide"))
+        prior, guide = sample_vae.load_model(args.model, "cpu", loader=load_prior)
         images = sample_vae.load_folder(args.data, model.image_size)
     except train_vae.UserError as error:
         print(f"error: {error}", file=sys.stderr)

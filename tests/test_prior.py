@@ -120,7 +120,7 @@ def test_the_prior_learns_the_codes_of_the_training_images_and_their_mirrors(mon
 
 
 def test_training_saves_the_prior_and_its_guide_with_the_model(trained):
-    prior, guide = load_prior(trained["model"]), load_prior(trained["model"], name="guide")
+    prior, guide = load_prior(trained["model"])
     assert isinstance(prior, LatentPrior) and prior.config == {"latent_channels": 8, "width": 16}
     assert isinstance(guide, LatentPrior) and guide.config == {"latent_channels": 8, "width": 8}
     # Both standardise the same codes the same way, so their predictions can be mixed.
@@ -144,8 +144,7 @@ def test_generate_uses_the_learned_prior_and_its_guide_by_default(trained, tmp_p
                         "--sample-steps", 7, "--out", out, *flags)
     assert result.returncode == 0, result.stderr[-2000:]
     assert says in result.stdout
-    model, prior = load_vae(trained["model"]), load_prior(trained["model"])
-    guide = load_prior(trained["model"], name="guide")
+    model, (prior, guide) = load_vae(trained["model"]), load_prior(trained["model"])
     noise = torch.randn(5, 8, 4, 4, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = grid_pixels(model.decode(sample_prior(prior, noise, 7, guide, guidance)), nrow=5)
@@ -192,7 +191,7 @@ def test_asking_for_a_learned_prior_that_is_not_there(model_without_prior, tmp_p
 
 
 def test_a_prior_without_a_guide_samples_unguided_with_a_note(trained, tmp_path):
-    model, prior = load_vae(trained["model"]), load_prior(trained["model"])
+    model, prior = load_vae(trained["model"]), load_prior(trained["model"])[0]
     torch.save(vae_checkpoint(model, prior), tmp_path / "unguided.pth")  # as --prior-guide-steps 0 writes it
     result = run_script("sample_vae.py", "--model", tmp_path / "unguided.pth", "--generate", 3, "--seed", 2,
                         "--sample-steps", 5, "--out", tmp_path / "a.png")
@@ -232,7 +231,7 @@ def test_prior_steps_zero_skips_stage_two(tmp_path, image_folder):
                         "--prior-steps", 0, "--device", "cpu", "--out", tmp_path / "m.pth",
                         "--results-dir", tmp_path / "r")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert load_prior(tmp_path / "m.pth") is None and load_vae(tmp_path / "m.pth").image_size == 32
+    assert load_prior(tmp_path / "m.pth") == (None, None) and load_vae(tmp_path / "m.pth").image_size == 32
 
 
 def test_ctrl_c_in_stage_two_keeps_the_vae_and_resume_trains_the_prior(tmp_path, image_folder):
@@ -253,14 +252,14 @@ def test_ctrl_c_in_stage_two_keeps_the_vae_and_resume_trains_the_prior(tmp_path,
     # The command it prints repeats the run's own prior flags: --resume takes them from its command line.
     assert (f"`python train_vae.py --resume --prior-steps 1000000 --prior-width 16 --prior-guide-steps 7 "
             f"--results-dir {results}`") in stderr
-    assert load_vae(out).image_size == 32 and load_prior(out) is None  # usable, without a prior
+    assert load_vae(out).image_size == 32 and load_prior(out) == (None, None)  # usable, without a prior
 
     # --resume after a finished VAE trains only the prior, with the prior flags given now.
     result = run_script("train_vae.py", "--resume", "--results-dir", results, "--prior-steps", 20,
                         "--prior-width", 8, "--prior-guide-steps", 0, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming after epoch 1 of 1" in result.stdout and "ignoring" not in result.stdout
-    assert load_prior(out).config["width"] == 8 and load_prior(out, name="guide") is None  # into the run's --out
+    assert load_prior(out)[0].config["width"] == 8 and load_prior(out)[1] is None  # into the run's --out
     assert sorted(os.listdir(tmp_path)) == ["m.pth", "r"]
 
 

@@ -83,7 +83,7 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_epochs(tmp_path, image_folder
     assert "ignoring --epochs, --lr" in result.stdout
     assert f"resuming after epoch {stopped} of 60" in result.stdout
     assert [row["epoch"] for row in read_metrics(results)] == list(range(1, 61))
-    assert load_vae(tmp_path / "m.pth").image_size == 32 and load_prior(tmp_path / "m.pth") is None
+    assert load_vae(tmp_path / "m.pth").image_size == 32 and load_prior(tmp_path / "m.pth") == (None, None)
 
 
 def test_folder_with_odd_images_trains_on_the_rest_and_counts_the_skipped(tmp_path):
@@ -116,7 +116,7 @@ def test_amp_code_path_runs_on_the_cpu(tmp_path, image_folder):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bfloat16 autocast" in result.stdout
     assert load_vae(tmp_path / "m.pth").image_size == 32
-    assert load_prior(tmp_path / "m.pth").config["width"] == 8  # stage two ran under autocast too
+    assert load_prior(tmp_path / "m.pth")[0].config["width"] == 8  # stage two ran under autocast too
 
 
 def test_augmentation_flips_rotates_and_keeps_uint8():
