@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 import sample_vae
+import train_vae
 from conftest import HF_HOME, ROOT, assert_user_error, grid_pixels, run_script
-from latent_prior import LatentPrior, load_prior, prior_loss, sample_prior
+from latent_prior import LatentPrior, fit_prior, load_prior, prior_loss, sample_prior
 from vae_model import VAE, load_vae, vae_checkpoint
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -102,7 +103,6 @@ def test_a_trained_prior_prefers_its_training_latents():
 def test_the_prior_learns_the_codes_of_the_training_images_and_their_mirrors(monkeypatch):
     """Not of the training augmentation: its rotations and colour jitter would teach the prior
     tilted frames and grey backgrounds. Every image and its mirror, each exactly once."""
-    import train_vae
     torch.manual_seed(0)
     model = VAE(16, 4, (8, 8, 8)).eval()
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
@@ -333,8 +333,6 @@ def test_bench_samples_names_a_missing_model(image_folder, tmp_path):
 
 
 def test_a_prior_whose_loss_is_not_finite_ends_in_a_clear_message(monkeypatch):
-    import train_vae
-    from latent_prior import fit_prior
     with pytest.raises(FloatingPointError, match="loss became nan"):
         fit_prior(torch.full((4, 2, 4, 4), float("nan")), 8, 2, 2, 1e-3, torch.Generator().manual_seed(0))
 
