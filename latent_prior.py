@@ -58,7 +58,7 @@ class LatentPrior(nn.Module):
     from a noised latent z_t = alpha * z0 + sigma * noise. Predicting v rather than the
     noise stays well-posed at both ends of the schedule (Salimans and Ho 2022)."""
 
-    def __init__(self, latent_channels=8, width=64, latent_mean=None, latent_std=None):
+    def __init__(self, latent_channels=6, width=64, latent_mean=None, latent_std=None):
         super().__init__()
         self.config = dict(latent_channels=latent_channels, width=width)
         # The codes are standardised per channel, so that noise of std 1 drowns them fully.

@@ -41,7 +41,7 @@ class ResBlock(nn.Module):
 # --- Encoder: image (B, 3, H, W) in [-1, 1]  ->  mu, log_var, each (B, latent, H/8, W/8) ---
 
 class Encoder(nn.Module):
-    def __init__(self, latent_channels=8, channels=(32, 64, 128)):
+    def __init__(self, latent_channels=6, channels=(32, 64, 128)):
         super().__init__()
         c2, c4, c8 = channels  # the widths at H/2, H/4 and H/8
         self.body = nn.Sequential(
@@ -72,7 +72,7 @@ def upsample(in_channels, out_channels):
 
 
 class Decoder(nn.Module):
-    def __init__(self, latent_channels=8, channels=(32, 64, 128)):
+    def __init__(self, latent_channels=6, channels=(32, 64, 128)):
         super().__init__()
         c2, c4, c8 = channels  # the encoder's widths, walked back up
         self.body = nn.Sequential(
@@ -93,7 +93,7 @@ class Decoder(nn.Module):
 # --- The VAE: encoder, reparameterization trick, decoder -----------------------------------
 
 class VAE(nn.Module):
-    def __init__(self, image_size=128, latent_channels=8, channels=(32, 64, 128)):
+    def __init__(self, image_size=128, latent_channels=6, channels=(32, 64, 128)):
         super().__init__()
         if image_size % 8 != 0:
             raise ValueError(f"image_size must be a multiple of 8, got {image_size}")

@@ -121,8 +121,9 @@ def test_the_prior_learns_the_codes_of_the_training_images_and_their_mirrors(mon
 
 def test_training_saves_the_prior_and_its_guide_with_the_model(trained):
     prior, guide = load_prior(trained["model"])
-    assert isinstance(prior, LatentPrior) and prior.config == {"latent_channels": 8, "width": 16}
-    assert isinstance(guide, LatentPrior) and guide.config == {"latent_channels": 8, "width": 8}
+    channels = train_vae.LATENT_CHANNELS
+    assert isinstance(prior, LatentPrior) and prior.config == {"latent_channels": channels, "width": 16}
+    assert isinstance(guide, LatentPrior) and guide.config == {"latent_channels": channels, "width": 8}
     # Both standardise the same codes the same way, so their predictions can be mixed.
     assert torch.equal(guide.latent_mean, prior.latent_mean) and torch.equal(guide.latent_std, prior.latent_std)
     checkpoint = torch.load(trained["model"], weights_only=True)
@@ -145,7 +146,7 @@ def test_generate_uses_the_learned_prior_and_its_guide_by_default(trained, tmp_p
     assert result.returncode == 0, result.stderr[-2000:]
     assert says in result.stdout
     model, (prior, guide) = load_vae(trained["model"]), load_prior(trained["model"])
-    noise = torch.randn(5, 8, 4, 4, generator=torch.Generator().manual_seed(4))
+    noise = torch.randn(5, train_vae.LATENT_CHANNELS, 4, 4, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = grid_pixels(model.decode(sample_prior(prior, noise, 7, guide, guidance)), nrow=5)
     with Image.open(out) as grid:
@@ -161,7 +162,8 @@ def test_generate_from_the_normal_prior_decodes_the_seeded_noise(trained, tmp_pa
     assert "from the normal prior" in result.stdout
     model = load_vae(trained["model"])
     with torch.no_grad():
-        expected = grid_pixels(model.decode(torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(2))), 3)
+        noise = torch.randn(3, train_vae.LATENT_CHANNELS, 4, 4, generator=torch.Generator().manual_seed(2))
+        expected = grid_pixels(model.decode(noise), 3)
     with Image.open(out) as grid:
         assert np.abs(np.asarray(grid.convert("RGB")).astype(int) - expected).max() <= 1
 
@@ -197,7 +199,7 @@ def test_a_prior_without_a_guide_samples_unguided_with_a_note(trained, tmp_path)
                         "--sample-steps", 5, "--out", tmp_path / "a.png")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "holds no guide for its prior" in result.stdout and ", autoguidance" not in result.stdout
-    noise = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(3, train_vae.LATENT_CHANNELS, 4, 4, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = grid_pixels(model.decode(sample_prior(prior, noise, 5)), 3)
     with Image.open(tmp_path / "a.png") as grid:

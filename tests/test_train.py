@@ -26,7 +26,7 @@ def read_metrics(results):
 def test_training_writes_model_grids_metrics_and_curve(trained):
     results = trained["results"]
     model = load_vae(trained["model"])
-    assert model.image_size == 32 and model.config["latent_channels"] == 8
+    assert model.image_size == 32 and model.config["latent_channels"] == train_vae.LATENT_CHANNELS
     rows = read_metrics(results)
     assert [row["epoch"] for row in rows] == [1, 2]
     for key in ("train_mse", "train_kl", "val_loss", "val_psnr", "val_kl", "images_per_s", "elapsed_s"):
