@@ -199,16 +199,17 @@ def settings(args, device, checkpoint_path):
         except (FileNotFoundError, CheckpointError):
             raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
                             "start a new run without --resume") from None
-        # The VAE keeps its settings; the device, the prior's (stage two starts afresh) and an
-        # --out given now come from this command line.
-        defaults = vars(parse_args([]))
-        fresh = {key: value for key, value in vars(args).items() if key in ("device", "resume", "results_dir")
-                 or key.startswith("prior_") or key == "out" and value != defaults[key]}
-        ignored = [f"--{key.replace('_', '-')}" for key, value in vars(args).items() if key in resumed["args"]
-                   and key not in fresh and value not in (defaults[key], resumed["args"][key])]
+        # The run goes on as it started. The device and --results-dir are this command line's;
+        # --out and the prior's flags (stage two starts afresh) too where they are given.
+        defaults, saved = vars(parse_args([])), resumed["args"]
+        given = {key: value for key, value in vars(args).items() if value != defaults[key]}
+        fresh = {key: value for key, value in given.items() if key == "out" or key.startswith("prior_")}
+        fresh.update(device=args.device, resume=True, results_dir=args.results_dir)
+        ignored = [f"--{key.replace('_', '-')}" for key in sorted(given.keys() - fresh.keys())
+                   if key in saved and given[key] != saved[key]]
         if ignored:
-            print(f"note: a resumed run keeps the settings it started with; ignoring {', '.join(sorted(ignored))}")
-        args = argparse.Namespace(**{**vars(args), **resumed["args"], **fresh})
+            print(f"note: a resumed run keeps the settings it started with; ignoring {', '.join(ignored)}")
+        args = argparse.Namespace(**{**vars(args), **saved, **fresh})
     cpu = device.type != "cuda"
     unset = [f"--{key.replace('_', '-')}" for key in ("image_size", "epochs", "batch_size") if not getattr(args, key)]
     args.image_size = args.image_size or (CPU_IMAGE_SIZE if cpu else IMAGE_SIZE)
@@ -373,12 +374,8 @@ def train(args):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print("\nCtrl-C: stopping after this epoch (press it again to stop at once)", file=sys.stderr)
     signal.signal(signal.SIGINT, on_ctrl_c)
-    # The command that continues this run: the prior takes the flags of its command line, so
-    # this run's own are repeated in it.
-    defaults = vars(parse_args([]))
-    resume = " ".join(["python train_vae.py --resume"] + [
-        f"--{key.replace('_', '-')} {shlex.quote(str(value))}" for key, value in vars(args).items()
-        if (key == "results_dir" or key.startswith("prior_")) and value != defaults.get(key, value)])
+    resume = "python train_vae.py --resume" + (f" --results-dir {shlex.quote(args.results_dir)}"
+                                                 if args.results_dir != RESULTS_DIR else "")
     started = time.perf_counter() - (metrics[-1]["elapsed_s"] if metrics else 0.0)
     for epoch in range(saved_epoch + 1, args.epochs + 1):
         tick = time.perf_counter()

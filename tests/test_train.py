@@ -74,8 +74,8 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_epochs(tmp_path, image_folder
     assert 2 <= stopped < 60
     assert not (tmp_path / "m.pth").exists()
 
-    # The command it prints continues the run as started, --prior-steps 0 included (the prior
-    # takes the flags of the new command line); flags that would change the VAE are named and ignored.
+    # The command it prints continues the run as started, --prior-steps 0 included; flags that
+    # would change the VAE are named and ignored.
     command = shlex.split(stderr.split("continue with `")[1].split("`")[0])
     assert command[:3] == ["python", "train_vae.py", "--resume"], stderr[-2000:]
     result = run_script("train_vae.py", *command[2:], "--epochs", 5, "--lr", 0.5)
@@ -166,8 +166,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, image_folder, monke
     assert torch.load(parts / "checkpoint.pth", weights_only=True)["epoch"] == 3  # the epoch under way ended
     assert len(read_metrics(parts)) == 3 and not (parts / "m.pth").exists()
     monkeypatch.undo()
-    # The device and the prior's flags come from the resuming command line: keep them as before.
-    assert train_in_process("--resume", "--results-dir", parts, "--device", "cpu", "--prior-steps", 0) == 0
+    # The device is the resuming command line's; the prior's flags are the run's own (--prior-steps 0).
+    assert train_in_process("--resume", "--results-dir", parts, "--device", "cpu") == 0
+    assert load_prior(parts / "m.pth") == (None, None)
     assert without_timing(read_metrics(parts)) == without_timing(read_metrics(whole))
     a, b = load_vae(whole / "m.pth").state_dict(), load_vae(parts / "m.pth").state_dict()
     assert all(torch.allclose(a[key], b[key], rtol=0, atol=1e-6) for key in a)
