@@ -53,10 +53,10 @@ def load_model(path, device, loader=load_vae):
         raise UserError(f"{error}; pass --model with a checkpoint written by train_vae.py") from error
 
 
-def load_image(path, size):
+def load_image(path, size, flag="--image"):
     """One image as a (1, 3, size, size) tensor in [-1, 1], prepared exactly as in training."""
     if not os.path.isfile(path):
-        raise UserError(f"the image {path} does not exist; pass --image with the path of an image")
+        raise UserError(f"the image {path} does not exist; pass {flag} with the path of an image")
     try:
         image = to_square(open_rgb(path), size)
     except Exception as error:  # PIL raises several types for broken files
@@ -186,7 +186,7 @@ def interpolation(model, a, b, steps):
 
 
 def interpolate(model, args, device, show):
-    a, b = (load_image(path, model.image_size).to(device) for path in args.interpolate)
+    a, b = (load_image(path, model.image_size, "--interpolate").to(device) for path in args.interpolate)
     frames = interpolation(model, a, b, args.steps)
     path = args.out or INTERPOLATION_PATH
     pictures = [Image.fromarray((to_picture(frame) * 255).round().astype("uint8")) for frame in frames]

@@ -157,7 +157,8 @@ def test_latent_map_of_a_folder_without_images(trained, tmp_path):
 def test_interpolate_with_a_missing_image(trained, image_folder, tmp_path):
     result = run_script("sample_vae.py", "--model", trained["model"], "--interpolate",
                         os.path.join(image_folder, "blob_01.png"), tmp_path / "missing.png")
-    assert_user_error(result, "does not exist")
+    message = assert_user_error(result, "missing.png does not exist", "pass --interpolate")
+    assert "--image" not in message  # the flag the user gave, not the default mode's
 
 
 # ------------------------------------------------------------------ images of every mode
