@@ -64,10 +64,10 @@ def load_image(path, size, flag="--image"):
     return to_model_range(pil_to_tensor(image).unsqueeze(0))
 
 
-def load_folder(folder, size):
+def load_folder(folder, size, flag):
     if not os.path.isdir(folder):
-        raise UserError(f"the folder {folder} does not exist; pass an existing folder of images")
-    return to_model_range(load_images(image_files(folder), size, folder))
+        raise UserError(f"the folder {folder} does not exist; pass {flag} with an existing folder of images")
+    return to_model_range(load_images(image_files(folder, flag), size, folder))
 
 
 @torch.no_grad()
@@ -165,7 +165,7 @@ def generate(model, args, device, show):
     shape = (model.config["latent_channels"], side, side)
     name, prior, guide = pick_prior(args, device)
     if name == "data":
-        mean, std = fit_data_prior(model, load_folder(args.data, model.image_size).to(device))
+        mean, std = fit_data_prior(model, load_folder(args.data, model.image_size, "--data").to(device))
     else:
         mean, std = torch.zeros(shape, device=device), torch.ones(shape, device=device)
     z = draw_latents(args.generate, mean, std, args.seed)
@@ -211,7 +211,7 @@ def latent_positions(mus):
 
 
 def latent_map(model, args, device, show):
-    images = load_folder(args.latent_map, model.image_size).to(device)
+    images = load_folder(args.latent_map, model.image_size, "--latent-map").to(device)
     xy = latent_positions(encode_means(model, images)).numpy()
     fig, axis = plt.subplots(figsize=(12, 12))
     axis.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0)  # sets the axis limits

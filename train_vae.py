@@ -70,14 +70,14 @@ class UserError(Exception):
 
 # --- Loading: every image decoded once, as RGB on white, padded square and resized ----------
 
-def image_files(source):
+def image_files(source, flag="--data"):
     """Every file under a local folder (no split inferred from names), or a Hub data set's images."""
     if os.path.isdir(source):
         files = sorted(os.path.join(root, name) for root, _, names in os.walk(source) for name in names
                        if not name.startswith("."))
         if not files:
             raise UserError(f"the folder {source} holds no image files; put .png or .jpg images in it "
-                            "or pass another --data")
+                            f"or pass another {flag}")
         return files
     if os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise UserError(f"the data folder {source} {'is a file' if os.path.exists(source) else 'does not exist'}; "

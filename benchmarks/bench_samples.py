@@ -205,7 +205,7 @@ def main():
     try:
         model = sample_vae.load_model(args.model, "cpu")
         prior, guide = sample_vae.load_model(args.model, "cpu", loader=load_prior)
-        images = sample_vae.load_folder(args.data, model.image_size)
+        images = sample_vae.load_folder(args.data, model.image_size, "--data")
     except train_vae.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

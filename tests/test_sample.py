@@ -148,10 +148,16 @@ def test_flags_that_their_mode_uses_are_accepted():
 
 
 def test_latent_map_of_a_folder_without_images(trained, tmp_path):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    result = run_script("sample_vae.py", "--model", trained["model"], "--latent-map", tmp_path / "empty")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "readme.txt").write_text("no images here")
+    result = run_script("sample_vae.py", "--model", trained["model"], "--latent-map", tmp_path / "text")
     assert_user_error(result, "0 readable image(s)")
+    # Each message names the flag the user gave (the training script's is --data).
+    (tmp_path / "empty").mkdir()
+    for folder, phrase in ((tmp_path / "empty", "holds no image files"), (tmp_path / "nope", "does not exist")):
+        for args in (["--latent-map", folder], ["--generate", 2, "--prior", "data", "--data", folder]):
+            message = assert_user_error(run_script("sample_vae.py", "--model", trained["model"], *args), phrase)
+            assert f"pass {args[-2]} with" in message or f"pass another {args[-2]}" in message, message
 
 
 def test_interpolate_with_a_missing_image(trained, image_folder, tmp_path):
