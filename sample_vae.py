@@ -23,8 +23,8 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import make_grid
 
-from train_vae import (UserError, checked, image_files, load_images, open_rgb, pick_device, positive_int,
-                       save_png, to_model_range, to_square)
+from train_vae import (UserError, check_writable, checked, image_files, load_images, open_rgb, pick_device,
+                       positive_int, save_png, to_model_range, to_square)
 from latent_prior import load_prior, sample_prior
 from vae_model import CheckpointError, atomic_write, load_vae, psnr, vae_loss
 
@@ -121,7 +121,7 @@ def reconstruct(model, args, device, show):
         axis.imshow(picture, cmap=cmap)
         axis.set_title(title, fontsize=9 if cmap else None)
         axis.axis("off")
-    show_or_save(fig, args.out or OUTPUT_PATH, show)
+    show_or_save(fig, args.out, show)
 
 
 # --- --generate: decode latents drawn from a prior -----------------------------------------------
@@ -173,7 +173,7 @@ def generate(model, args, device, show):
         z = sample_prior(prior, z, args.sample_steps, guide, args.guidance, args.guidance_interval)
     guided = guide is not None and args.guidance != 1
     print(f"{args.generate} samples from the {name} prior" + (f", autoguidance {args.guidance:g}" if guided else ""))
-    save_grid(model.decode(z), args.out or GENERATED_PATH, min(8, args.generate), show)
+    save_grid(model.decode(z), args.out, min(8, args.generate), show)
 
 
 # --- --interpolate: walk the straight line between two images' latent means ----------------
@@ -188,14 +188,13 @@ def interpolation(model, a, b, steps):
 def interpolate(model, args, device, show):
     a, b = (load_image(path, model.image_size, "--interpolate").to(device) for path in args.interpolate)
     frames = interpolation(model, a, b, args.steps)
-    path = args.out or INTERPOLATION_PATH
     pictures = [Image.fromarray((to_picture(frame) * 255).round().astype("uint8")) for frame in frames]
     pictures += pictures[-2:0:-1]  # there and back, so that the GIF loops without a jump
-    gif = os.path.splitext(path)[0] + ".gif"
+    gif = os.path.splitext(args.out)[0] + ".gif"
     atomic_write(gif, lambda tmp: pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:],
                                                    duration=120, loop=0))
     print(f"saved {gif}")
-    save_grid(frames, path, args.steps, show)
+    save_grid(frames, args.out, args.steps, show)
 
 
 # --- --latent-map: every image of a folder at its place in the latent space (PCA to 2-D) ---
@@ -220,7 +219,7 @@ def latent_map(model, args, device, show):
         axis.add_artist(AnnotationBbox(OffsetImage(to_picture(image), zoom=zoom), (x, y), frameon=False))
     axis.set(title=f"{len(images)} images placed by the first two principal components of their latent means",
              xlabel="PC 1", ylabel="PC 2")
-    show_or_save(fig, args.out or LATENT_MAP_PATH, show)
+    show_or_save(fig, args.out, show)
 
 
 # --- Command line ---------------------------------------------------------------------------
@@ -281,8 +280,11 @@ def main():
     try:
         device = pick_device(args.device)
         model = load_model(args.model, device)
-        mode = generate if args.generate else interpolate if args.interpolate else (
-            latent_map if args.latent_map else reconstruct)
+        mode, args.out = ((generate, args.out or GENERATED_PATH) if args.generate else
+                          (interpolate, args.out or INTERPOLATION_PATH) if args.interpolate else
+                          (latent_map, args.out or LATENT_MAP_PATH) if args.latent_map else
+                          (reconstruct, args.out or OUTPUT_PATH))
+        check_writable(args.out, "--out")  # before the work, which may take a minute
         mode(model, args, device, show)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

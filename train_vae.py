@@ -16,6 +16,7 @@ import shlex
 import signal
 import socket
 import sys
+import tempfile
 import time
 import urllib.parse
 
@@ -331,13 +332,28 @@ def train_prior(model, images, args, device, stop):
 
 # --- The run ------------------------------------------------------------------------------------------
 
+def check_writable(path, flag):
+    """Create the folder that `path` goes in and prove that it takes a file: a wrong --out is
+    better said now than after an hour of training."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; pass {flag} with the path of a file")
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise UserError(f"cannot write to the folder {folder} ({error.strerror}); pass {flag} with a path "
+                        "in a folder you can write to") from error
+
+
 def train(args):
     """Train the VAE, then its prior; returns the exit status (130 after Ctrl-C)."""
     device = pick_device(args.device)
     checkpoint_path = os.path.join(args.results_dir, "checkpoint.pth")
     args, resumed = settings(args, device, checkpoint_path)
     images = load_images(image_files(args.data), args.image_size, args.data)
-    os.makedirs(args.results_dir, exist_ok=True)  # only now, so that a bad input changes no file
+    check_writable(args.out, "--out")  # only now, so that a bad input changes no file
+    check_writable(checkpoint_path, "--results-dir")
     torch.manual_seed(args.seed)
     train_images, val_images = split(images, args.val_fraction, args.seed)
     print(f"{len(train_images)} training and {len(val_images)} validation images from {args.data}")

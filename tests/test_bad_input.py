@@ -85,11 +85,33 @@ def test_resume_without_checkpoint(tmp_path):
     assert_user_error(result, "no resumable checkpoint")
 
 
+@pytest.mark.parametrize("flag, where, phrase", [
+    ("--out", "file/m.pth", "cannot write to the folder"),  # a folder that is a file
+    ("--out", "folder", "is a folder"),
+    ("--results-dir", "file", "cannot write to the folder"),
+])
+def test_an_output_that_cannot_be_written_is_said_before_training(tmp_path, image_folder, flag, where, phrase):
+    (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "folder").mkdir()
+    paths = {"--out": tmp_path / "m.pth", "--results-dir": tmp_path / "r", flag: tmp_path / where}
+    result = run_script("train_vae.py", "--data", image_folder, "--epochs", 1, "--image-size", 32,
+                        "--prior-steps", 0, "--device", "cpu", *[str(x) for pair in paths.items() for x in pair])
+    assert_user_error(result, phrase, flag)
+    assert "train mse" not in result.stdout and sorted(os.listdir(tmp_path)) == ["file", "folder"]
+
+
 # ------------------------------------------------------------------ sample_vae.py
 
 def test_model_missing(tmp_path):
     result = run_script("sample_vae.py", "--model", tmp_path / "none.pth", "--no-show")
     assert_user_error(result, "no trained model", "train_vae.py")
+
+
+@pytest.mark.parametrize("mode", [[], ["--generate", "2"], ["--latent-map", "."]])
+def test_an_out_that_cannot_be_written(trained, tmp_path, mode):
+    (tmp_path / "file").write_text("a file, not a folder")
+    result = run_script("sample_vae.py", "--model", trained["model"], *mode, "--out", tmp_path / "file" / "x.png")
+    assert_user_error(result, "cannot write to the folder", "--out")
 
 
 @pytest.mark.parametrize("content", [b"", os.urandom(2000), b"hello, I am a text file\n"])
