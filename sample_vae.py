@@ -289,6 +289,9 @@ def main():
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: every save is atomic, so there is nothing to clean up
+        print("\ninterrupted; every file written so far is whole", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

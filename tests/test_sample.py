@@ -2,6 +2,7 @@
 import math
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -221,3 +222,18 @@ def test_to_square_keeps_the_shape_and_pads_white(size):
     if size[0] != size[1]:
         assert square.getpixel((0, 0)) == (255, 255, 255)  # padding, not stretching
     assert square.getpixel((16, 16)) == (0, 0, 0)
+
+
+def test_ctrl_c_while_sampling_ends_without_a_traceback(trained, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample_vae, "generate", interrupted)
+    monkeypatch.setattr(sys, "argv", ["sample_vae.py", "--model", str(trained["model"]), "--generate", "2"])
+    try:
+        sample_vae.main()
+    except KeyboardInterrupt:  # what Python would print as a traceback
+        pytest.fail("Ctrl-C escaped sample_vae.main()")
+    except SystemExit as exit_:
+        assert exit_.code == 130 and "interrupted" in capsys.readouterr().err
+    else:
+        pytest.fail("sample_vae.main() returned after Ctrl-C")
