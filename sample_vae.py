@@ -280,10 +280,10 @@ def main():
     try:
         device = pick_device(args.device)
         model = load_model(args.model, device)
-        mode, args.out = ((generate, args.out or GENERATED_PATH) if args.generate else
-                          (interpolate, args.out or INTERPOLATION_PATH) if args.interpolate else
-                          (latent_map, args.out or LATENT_MAP_PATH) if args.latent_map else
-                          (reconstruct, args.out or OUTPUT_PATH))
+        mode = generate if args.generate else interpolate if args.interpolate else (
+            latent_map if args.latent_map else reconstruct)
+        args.out = args.out or {reconstruct: OUTPUT_PATH, generate: GENERATED_PATH,
+                                interpolate: INTERPOLATION_PATH, latent_map: LATENT_MAP_PATH}[mode]
         check_writable(args.out, "--out")  # before the work, which may take a minute
         mode(model, args, device, show)
     except UserError as error:

@@ -333,13 +333,15 @@ def train_prior(model, images, args, device, stop):
 # --- The run ------------------------------------------------------------------------------------------
 
 def check_writable(path, flag):
-    """Create the folder that `path` goes in and prove that it takes a file: a wrong --out is
-    better said now than after an hour of training."""
+    """Say now, not after an hour of training, that `path` cannot be written: the nearest folder
+    on its way that exists must take a file. An unnamed temporary file proves it and leaves
+    nothing behind, so a bad path changes no file."""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder; pass {flag} with the path of a file")
-    folder = os.path.dirname(path) or "."
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
     try:
-        os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
         raise UserError(f"cannot write to the folder {folder} ({error.strerror}); pass {flag} with a path "
@@ -352,8 +354,9 @@ def train(args):
     checkpoint_path = os.path.join(args.results_dir, "checkpoint.pth")
     args, resumed = settings(args, device, checkpoint_path)
     images = load_images(image_files(args.data), args.image_size, args.data)
-    check_writable(args.out, "--out")  # only now, so that a bad input changes no file
+    check_writable(args.out, "--out")
     check_writable(checkpoint_path, "--results-dir")
+    os.makedirs(args.results_dir, exist_ok=True)  # only now, so that a bad input changes no file
     torch.manual_seed(args.seed)
     train_images, val_images = split(images, args.val_fraction, args.seed)
     print(f"{len(train_images)} training and {len(val_images)} validation images from {args.data}")

@@ -93,7 +93,8 @@ def test_resume_without_checkpoint(tmp_path):
 def test_an_output_that_cannot_be_written_is_said_before_training(tmp_path, image_folder, flag, where, phrase):
     (tmp_path / "file").write_text("a file, not a folder")
     (tmp_path / "folder").mkdir()
-    paths = {"--out": tmp_path / "m.pth", "--results-dir": tmp_path / "r", flag: tmp_path / where}
+    # --out in a new folder: it must not be created when --results-dir is the wrong one.
+    paths = {"--out": tmp_path / "new" / "m.pth", "--results-dir": tmp_path / "r", flag: tmp_path / where}
     result = run_script("train_vae.py", "--data", image_folder, "--epochs", 1, "--image-size", 32,
                         "--prior-steps", 0, "--device", "cpu", *[str(x) for pair in paths.items() for x in pair])
     assert_user_error(result, phrase, flag)
