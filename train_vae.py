@@ -4,8 +4,9 @@ Train the VAE of vae_model.py on Pokémon images, then a learned prior over its 
     python train_vae.py                          # the Hugging Face Hub data set
     python train_vae.py --data path/to/folder    # any folder of images, offline
 
-Read top to bottom: settings, loading, augmentation, the device, one epoch, evaluation and
-pictures, stage two (the prior of latent_prior.py), train() which joins them, the command line.
+Read top to bottom: settings, loading, augmentation, one epoch, evaluation and pictures, stage
+two (the prior of latent_prior.py), train() which joins them; then the plumbing (device, resume,
+paths) and the command line, which a first reading can skip.
 """
 import argparse
 import io
@@ -98,27 +99,14 @@ def image_files(source, flag="--data"):
     return [item["bytes"] or item["path"] for item in table.cast_column(column, datasets.Image(decode=False))[column]]
 
 
-def hub_reachable():
-    # One quick connect: offline, huggingface_hub retries for half a minute, and no setting stops it.
-    if datasets.config.HF_HUB_OFFLINE or any(map(os.environ.get, ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))):
-        return True  # the local cache was asked for; or behind a proxy, where a connect proves nothing
-    url = urllib.parse.urlparse(datasets.config.HF_ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 5).close()
-        return True
-    except OSError:
-        return False
-
-
 def open_rgb(file):
     """An image file (path or file object) of any mode as RGB on a white background."""
     image = Image.open(file)
     image.load()  # decode now, so that a truncated file fails here and not later
     if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grey: scale to 8 bits
         image = image.point(lambda v: v * (255 / 65535 if image.mode.startswith("I") else 255)).convert("L")
-    if image.mode == "P" or "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):  # dropping alpha would turn transparent black
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa", "P") or "transparency" in image.info:
+        # Composited on white: dropping the alpha channel would turn transparent pixels black.
         image = Image.alpha_composite(Image.new("RGBA", image.size, WHITE + (255,)), image.convert("RGBA"))
     return image.convert("RGB")
 
@@ -165,63 +153,6 @@ def make_augment(rotation=ROTATION):
 
 def to_model_range(batch_uint8):
     return batch_uint8.float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1], as tanh outputs
-
-
-# --- The device and the run's settings --------------------------------------------------------
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
-                            else "cpu")
-    try:
-        torch.empty(1, device=name)  # the one sure test that the device exists here
-    except (RuntimeError, AssertionError) as error:  # a bad name, or no such device or driver
-        raise UserError(f"the device {name!r} is not available here ({str(error).splitlines()[0]}); "
-                        "use --device auto to pick the best one") from error
-    return torch.device(name)
-
-
-def bf16_is_fast(device):
-    """bfloat16 pays off on a GPU with bf16 and on a CPU with bf16 instructions (AMX, AVX-512
-    BF16); other CPUs emulate it. torch.cpu's helpers are private, so looked up, not assumed."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return device.type == "cpu" and any(check is not None and check() for check in checks)
-
-
-def settings(args, device, checkpoint_path):
-    """The run's settings: a resumed run's own, else the flags, with the CPU defaults without a
-    CUDA GPU (512 px costs 16x the work per image of 128 px: far beyond a laptop's hour)."""
-    resumed = None
-    if args.resume:
-        try:
-            resumed = load_checkpoint(checkpoint_path)
-        except (FileNotFoundError, CheckpointError):
-            raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
-                            "start a new run without --resume") from None
-        # The run goes on as it started. The device and --results-dir are this command line's;
-        # --out and the prior's flags (stage two starts afresh) too where they are given.
-        defaults, saved = vars(parse_args([])), resumed["args"]
-        given = {key: value for key, value in vars(args).items() if value != defaults[key]}
-        fresh = {key: value for key, value in given.items() if key == "out" or key.startswith("prior_")}
-        fresh.update(device=args.device, resume=True, results_dir=args.results_dir)
-        ignored = [f"--{key.replace('_', '-')}" for key in sorted(given.keys() - fresh.keys())
-                   if key in saved and given[key] != saved[key]]
-        if ignored:
-            print(f"note: a resumed run keeps the settings it started with; ignoring {', '.join(ignored)}")
-        args = argparse.Namespace(**{**vars(args), **saved, **fresh})
-    cpu = device.type != "cuda"
-    unset = [f"--{key.replace('_', '-')}" for key in ("image_size", "epochs", "batch_size") if not getattr(args, key)]
-    args.image_size = args.image_size or (CPU_IMAGE_SIZE if cpu else IMAGE_SIZE)
-    args.epochs = args.epochs or (CPU_EPOCHS if cpu else EPOCHS)
-    args.batch_size = args.batch_size or (CPU_BATCH_SIZE if cpu else BATCH_SIZE)
-    args.use_amp = args.amp == "on" or (args.amp == "auto" and bf16_is_fast(device))
-    print(f"device {device}: {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}"
-          + (", bfloat16 autocast" if args.use_amp else "") + (", torch.compile" if args.compile else "")
-          + (f" (CPU defaults for {', '.join(unset)}; with a CUDA GPU: {IMAGE_SIZE} px, {EPOCHS} epochs, "
-             f"batch {BATCH_SIZE})" if cpu and unset else ""))
-    return args, resumed
 
 
 # --- One epoch of training ----------------------------------------------------------------------
@@ -305,14 +236,11 @@ def plot_loss_curve(metrics, results_dir):
 # --- Stage two: a learned prior over the trained VAE's latent space ---------------------------
 
 def train_prior(model, images, args, device, stop):
-    """Fit the prior to the latent means of the training images and of their mirror images (a
-    Pokémon facing the other way is still a Pokémon). Not to the training augmentation: the
-    prior learns to draw whatever its codes show, and a rotated copy shows a tilted frame, a
-    darker one a grey background. Means, not samples z ~ q(z|x): the posterior's noise is about
-    as large as the means' spread, and the decoder ignores it. Then the guide, smaller and
-    shorter, on the same codes, so that both standardise the latent alike; it trains after the
-    prior, which thus trains exactly as it would alone. Returns (prior, guide or None), or None
-    after Ctrl-C."""
+    """Fit the prior, then its smaller guide, to the latent means of the training images and
+    their mirror images (a Pokémon facing the other way is still one). Means, not samples of
+    q(z|x): the decoder ignores the posterior's noise. Not the training augmentation: a rotated
+    copy shows a tilted frame, which the prior would learn to draw. Returns (prior, guide or
+    None), or None after Ctrl-C."""
     model.eval()
     with torch.no_grad():
         mus = torch.cat([model.encode(to_model_range(x.to(device)).contiguous(memory_format=torch.channels_last))[0]
@@ -330,23 +258,7 @@ def train_prior(model, images, args, device, stop):
     return tuple(fits)
 
 
-# --- The run ------------------------------------------------------------------------------------------
-
-def check_writable(path, flag):
-    """Say now, not after an hour of training, that `path` cannot be written: the nearest folder
-    on its way that exists must take a file. An unnamed temporary file proves it and leaves
-    nothing behind, so a bad path changes no file."""
-    if os.path.isdir(path):
-        raise UserError(f"{path} is a folder; pass {flag} with the path of a file")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as error:
-        raise UserError(f"cannot write to the folder {folder} ({error.strerror}); pass {flag} with a path "
-                        "in a folder you can write to") from error
-
+# --- The run: the pieces above, in the order the data meets them ------------------------
 
 def train(args):
     """Train the VAE, then its prior; returns the exit status (130 after Ctrl-C)."""
@@ -374,9 +286,8 @@ def train(args):
     shuffle = torch.Generator().manual_seed(args.seed)
     saved_epoch, metrics = 0, []
     if resumed:  # everything that changes during training, so that the run goes on exactly
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
+        for part, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")):
+            part.load_state_dict(resumed[key])
         shuffle.set_state(resumed["shuffle_state"])
         torch.set_rng_state(resumed["rng_state"])
         saved_epoch, metrics = resumed["epoch"], resumed["metrics"]
@@ -445,6 +356,89 @@ def train(args):
     return 0
 
 
+# --- Plumbing: the device, the run's settings, the paths (not needed to follow the VAE) ----
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                            else "cpu")
+    try:
+        return torch.empty(1, device=name).device  # the one sure test that the device exists here
+    except (RuntimeError, AssertionError) as error:  # a bad name, or no such device or driver
+        raise UserError(f"the device {name!r} is not available here ({str(error).splitlines()[0]}); "
+                        "use --device auto to pick the best one") from error
+
+
+def bf16_is_fast(device):
+    """bfloat16 pays off on a GPU with bf16 and on a CPU with bf16 instructions (AMX, AVX-512
+    BF16); other CPUs emulate it. torch.cpu's helpers are private, so looked up, not assumed."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return device.type == "cpu" and any(check is not None and check() for check in checks)
+
+
+def settings(args, device, checkpoint_path):
+    """The run's settings: a resumed run's own, else the flags, with the CPU defaults without a
+    CUDA GPU (512 px costs 16x the work per image of 128 px: far beyond a laptop's hour)."""
+    resumed = None
+    if args.resume:
+        try:
+            resumed = load_checkpoint(checkpoint_path)
+        except (FileNotFoundError, CheckpointError):
+            raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
+                            "start a new run without --resume") from None
+        # The run goes on as it started; the device, --results-dir, and --out and the prior's
+        # flags where given (stage two starts afresh), are this command line's.
+        given = {key: value for key, value in vars(args).items() if value != vars(parse_args([]))[key]}
+        fresh = {key: value for key, value in given.items() if key == "out" or key.startswith("prior_")}
+        fresh.update(device=args.device, resume=True, results_dir=args.results_dir)
+        ignored = [f"--{key.replace('_', '-')}" for key in sorted(given.keys() - fresh.keys())
+                   if given[key] != resumed["args"].get(key, given[key])]
+        if ignored:
+            print(f"note: a resumed run keeps the settings it started with; ignoring {', '.join(ignored)}")
+        args = argparse.Namespace(**{**vars(args), **resumed["args"], **fresh})
+    cpu = device.type != "cuda"
+    unset = [f"--{key.replace('_', '-')}" for key in ("image_size", "epochs", "batch_size") if not getattr(args, key)]
+    args.image_size = args.image_size or (CPU_IMAGE_SIZE if cpu else IMAGE_SIZE)
+    args.epochs = args.epochs or (CPU_EPOCHS if cpu else EPOCHS)
+    args.batch_size = args.batch_size or (CPU_BATCH_SIZE if cpu else BATCH_SIZE)
+    args.use_amp = args.amp == "on" or (args.amp == "auto" and bf16_is_fast(device))
+    print(f"device {device}: {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}"
+          + (", bfloat16 autocast" if args.use_amp else "") + (", torch.compile" if args.compile else "")
+          + (f" (CPU defaults for {', '.join(unset)}; with a CUDA GPU: {IMAGE_SIZE} px, {EPOCHS} epochs, "
+             f"batch {BATCH_SIZE})" if cpu and unset else ""))
+    return args, resumed
+
+
+def hub_reachable():
+    # One quick connect: offline, huggingface_hub retries for half a minute, and no setting stops
+    # it. Behind a proxy a direct connect proves nothing; offline mode asks for the local cache.
+    if datasets.config.HF_HUB_OFFLINE or any(map(os.environ.get, ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))):
+        return True
+    url = urllib.parse.urlparse(datasets.config.HF_ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 5).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_writable(path, flag):
+    """Say now, not after an hour of training, that `path` cannot be written. An unnamed
+    temporary file in the nearest existing folder on its way proves it and leaves nothing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        if os.path.isdir(path):
+            raise UserError(f"{path} is a folder; pass {flag} with the path of a file")
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise UserError(f"cannot write to the folder {folder} ({error.strerror}); pass {flag} with a path "
+                        "in a folder you can write to") from error
+
+
 # --- Command line: every setting above has a flag, and the constant is its default -----------
 
 def checked(kind, ok, rule):
@@ -464,8 +458,6 @@ positive_float = checked(float, lambda v: v > 0, "a positive number")
 fraction = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 steps_or_0 = checked(int, lambda v: v >= 0, "zero or a positive whole number")
 width = checked(int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, like 64")
-channel_list = checked(lambda text: [int(w) for w in text.split(",")], lambda ws: len(ws) == 3 and all(
-    w >= 4 and w % 4 == 0 for w in ws), "three comma-separated multiples of 4, like 32,64,128")
 
 
 def parse_args(argv=None):
@@ -480,7 +472,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=fraction, default=WARMUP, help="share of the steps spent warming up")
     p.add_argument("--kl-weight", type=checked(float, lambda v: v >= 0, "zero or positive"), default=KL_WEIGHT)
     p.add_argument("--latent-channels", type=positive_int, default=LATENT_CHANNELS)
-    p.add_argument("--channels", type=channel_list, default=CHANNELS, help="widths at 1/2, 1/4, 1/8 of the image")
+    p.add_argument("--channels", default=CHANNELS, help="widths at 1/2, 1/4, 1/8 of the image",
+                   type=checked(lambda text: [int(w) for w in text.split(",")], lambda ws: len(ws) == 3 and all(
+                       w >= 4 and w % 4 == 0 for w in ws), "three comma-separated multiples of 4, like 32,64,128"))
     p.add_argument("--val-fraction", type=fraction, default=VAL_FRACTION)
     p.add_argument("--rotation", type=checked(float, lambda v: 0 <= v <= 180, "an angle from 0 to 180 degrees"),
                    default=ROTATION, help="degrees, largest random rotation of a training image")
