@@ -39,6 +39,7 @@ STEPS = 10                                        # points on the line of --inte
 SAMPLE_STEPS = 200                                # denoising steps of the learned prior
 GUIDANCE = 1.5                                    # autoguidance of the learned prior by its guide; 1: off
 GUIDANCE_INTERVAL = (0.2, 0.7)                    # noise levels t (1: pure noise) where autoguidance acts
+TEMPERATURE = 1.0                                 # spread of the prior's noise: below 1, flatter, less varied samples
 SEED = 0                                          # seeds the latents drawn by --generate
 # -----------------------------------------------------------------------------------------------
 
@@ -168,11 +169,13 @@ def generate(model, args, device, show):
         mean, std = fit_data_prior(model, load_folder(args.data, model.image_size, "--data").to(device))
     else:
         mean, std = torch.zeros(shape, device=device), torch.ones(shape, device=device)
-    z = draw_latents(args.generate, mean, std, args.seed)
+    # A temperature below 1 draws nearer the prior's centre, as in Glow (Kingma and Dhariwal 2018).
+    z = draw_latents(args.generate, mean, std * args.temperature, args.seed)
     if prior is not None:  # the learned prior turns that noise into a latent, step by step
         z = sample_prior(prior, z, args.sample_steps, guide, args.guidance, args.guidance_interval)
     guided = guide is not None and args.guidance != 1
-    print(f"{args.generate} samples from the {name} prior" + (f", autoguidance {args.guidance:g}" if guided else ""))
+    print(f"{args.generate} samples from the {name} prior" + (f", autoguidance {args.guidance:g}" if guided else "")
+          + (f", temperature {args.temperature:g}" if args.temperature != 1 else ""))
     save_grid(model.decode(z), args.out, min(8, args.generate), show)
 
 
@@ -244,6 +247,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance-interval", nargs=2, metavar=("LO", "HI"), default=GUIDANCE_INTERVAL,
                    type=checked(float, lambda v: 0 <= v <= 1, "a noise level from 0 to 1"),
                    help="noise levels (1: pure noise) between which autoguidance acts")
+    p.add_argument("--temperature", type=checked(float, lambda v: v > 0, "a positive number"), default=TEMPERATURE,
+                   help="spread of the prior's noise; below 1: flatter, less varied samples")
     p.add_argument("--data", metavar="FOLDER", help="images to fit --prior data to")
     p.add_argument("--steps", type=int, default=STEPS, help="points on the --interpolate line, at least 2")
     p.add_argument("--seed", type=int, default=SEED)
@@ -254,11 +259,11 @@ def parse_args(argv=None):
     if args.steps < 2:
         p.error(f"argument --steps: needs at least 2 points (the two ends), got {args.steps}")
     # A flag that the chosen mode would ignore is said, not ignored: the user expects it to act.
-    changed = {key for key in ("prior", "sample_steps", "guidance", "guidance_interval", "steps")
+    changed = {key for key in ("prior", "sample_steps", "guidance", "guidance_interval", "temperature", "steps")
                if getattr(args, key) != p.get_default(key)}
     generate, interpolate = (args.generate, "--generate N"), (args.interpolate, "--interpolate A B")
     for key, (used, mode) in (("prior", generate), ("sample_steps", generate), ("guidance", generate),
-                              ("guidance_interval", generate), ("steps", interpolate)):
+                              ("guidance_interval", generate), ("temperature", generate), ("steps", interpolate)):
         if key in changed and not used:
             p.error(f"argument --{key.replace('_', '-')}: only {mode.split()[0]} uses it; add {mode}")
     for key in changed & {"sample_steps", "guidance", "guidance_interval"}:

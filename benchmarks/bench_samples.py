@@ -46,6 +46,7 @@ NON_WHITE = 0.8        # a pixel whose darkest channel is below this ([-1, 1]) b
 ONE_PIECE = 0.9        # share of the figure's pixels its largest connected region must hold
 SPECK = 16             # px, regions this small are noise and not counted
 BORDER = 0.2           # largest share of the frame's 2-px border a figure on white may cover
+LOW_TEMPERATURE = 0.85  # the learned prior's alternative row: flatter figures, by eye
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,9 +183,11 @@ def priors(model, prior, guide, train_images, args):
         rows["learned prior without autoguidance"] = (
             None, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps, guidance=1))
     if prior is not None:  # fit s: the whole of stage two, prior and guide
-        rows["learned prior (chosen)"] = (
-            prior.seconds, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps, guide, args.guidance,
-                                                     args.guidance_interval))
+        for name, temperature in (("learned prior (chosen)", args.temperature),
+                                  (f"learned prior at temperature {LOW_TEMPERATURE}", LOW_TEMPERATURE)):
+            rows[name] = (prior.seconds if temperature == args.temperature else None,
+                          lambda n, g, t=temperature: sample_prior(prior, t * normal(n, g), args.sample_steps, guide,
+                                                                   args.guidance, args.guidance_interval))
     return rows
 
 
@@ -200,6 +203,7 @@ def main():
     p.add_argument("--sample-steps", type=int, default=sample_vae.SAMPLE_STEPS)
     p.add_argument("--guidance", type=float, default=sample_vae.GUIDANCE, help="autoguidance; 1 turns it off")
     p.add_argument("--guidance-interval", nargs=2, type=float, default=sample_vae.GUIDANCE_INTERVAL)
+    p.add_argument("--temperature", type=float, default=sample_vae.TEMPERATURE, help="of the chosen row")
     p.add_argument("--grids", metavar="FOLDER", help="also save 16 samples of every row here")
     args = p.parse_args()
     try:

@@ -136,17 +136,20 @@ def test_training_saves_the_prior_and_its_guide_with_the_model(trained):
         assert grid.size == (8 * 34 + 2, 2 * 34 + 2)
 
 
-@pytest.mark.parametrize("flags, guidance, says", [([], sample_vae.GUIDANCE, "learned prior, autoguidance 1.5"),
-                                                  (["--guidance", 3], 3.0, "learned prior, autoguidance 3"),
-                                                  (["--guidance", 1], 1.0, "learned prior\n")])
-def test_generate_uses_the_learned_prior_and_its_guide_by_default(trained, tmp_path, flags, guidance, says):
+@pytest.mark.parametrize("flags, guidance, temperature, says", [
+    ([], sample_vae.GUIDANCE, 1.0, "learned prior, autoguidance 1.5\n"),
+    (["--guidance", 3], 3.0, 1.0, "learned prior, autoguidance 3\n"),
+    (["--guidance", 1], 1.0, 1.0, "learned prior\n"),
+    (["--temperature", 0.5], sample_vae.GUIDANCE, 0.5, "learned prior, autoguidance 1.5, temperature 0.5\n")])
+def test_generate_uses_the_learned_prior_and_its_guide_by_default(trained, tmp_path, flags, guidance, temperature,
+                                                                   says):
     out = tmp_path / "gen.png"
     result = run_script("sample_vae.py", "--model", trained["model"], "--generate", 5, "--seed", 4,
                         "--sample-steps", 7, "--out", out, *flags)
     assert result.returncode == 0, result.stderr[-2000:]
     assert says in result.stdout
     model, (prior, guide) = load_vae(trained["model"]), load_prior(trained["model"])
-    noise = torch.randn(5, train_vae.LATENT_CHANNELS, 4, 4, generator=torch.Generator().manual_seed(4))
+    noise = temperature * torch.randn(5, train_vae.LATENT_CHANNELS, 4, 4, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = grid_pixels(model.decode(sample_prior(prior, noise, 7, guide, guidance)), nrow=5)
     with Image.open(out) as grid:
@@ -154,16 +157,17 @@ def test_generate_uses_the_learned_prior_and_its_guide_by_default(trained, tmp_p
     assert np.abs(written - expected).max() <= 1
 
 
-def test_generate_from_the_normal_prior_decodes_the_seeded_noise(trained, tmp_path):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generate_from_the_normal_prior_decodes_the_seeded_noise(trained, tmp_path, temperature):
     out = tmp_path / "normal.png"
     result = run_script("sample_vae.py", "--model", trained["model"], "--generate", 3, "--seed", 2,
-                        "--prior", "normal", "--out", out)
+                        "--prior", "normal", "--temperature", temperature, "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "from the normal prior" in result.stdout
     model = load_vae(trained["model"])
     with torch.no_grad():
         noise = torch.randn(3, train_vae.LATENT_CHANNELS, 4, 4, generator=torch.Generator().manual_seed(2))
-        expected = grid_pixels(model.decode(noise), 3)
+        expected = grid_pixels(model.decode(temperature * noise), 3)
     with Image.open(out) as grid:
         assert np.abs(np.asarray(grid.convert("RGB")).astype(int) - expected).max() <= 1
 
@@ -295,6 +299,7 @@ def test_one_piece_counts_figures_that_are_not_fragments():
 
 
 def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
+    import bench_samples
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
                              "--model", str(trained["model"]), "--data", image_folder, "--samples", "16",
                              "--val-fraction", "0.3", "--sample-steps", "3", "--grids", str(tmp_path)],
@@ -304,13 +309,13 @@ def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
     names = [row.split("|")[1].strip() for row in rows]
     assert names == ["real training images (floor)", "real latents (reconstructions)", "N(0, I)",
                      "diagonal data prior", "PCA Gaussian", "learned prior without autoguidance",
-                     "learned prior (chosen)"]
+                     "learned prior (chosen)", f"learned prior at temperature {bench_samples.LOW_TEMPERATURE}"]
     for name, row in zip(names, rows):
         layout, texture, whole, copy = (float(cell) for cell in row.split("|")[2:6])
         assert layout > -1e-6 and texture > -1e-6 and 0 <= whole <= 1, row
         # The floor's samples are training images: each is its own nearest neighbour.
         assert (copy == 0) == (name == "real training images (floor)"), row
-    assert len(os.listdir(tmp_path)) == 5
+    assert len(os.listdir(tmp_path)) == 6
 
     # Another --draw-seed draws other samples from every prior, against the same real images.
     again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),

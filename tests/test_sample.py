@@ -115,6 +115,7 @@ def test_latent_map_positions_are_the_principal_components_whatever_the_seed(tra
     (["--generate", "4", "--guidance", "0.5"], "at least 1"),
     (["--generate", "4", "--guidance-interval", "0.2", "1.5"], "a noise level from 0 to 1"),
     (["--generate", "4", "--guidance-interval", "0.7", "0.2"], "LO must not exceed HI"),
+    (["--generate", "4", "--temperature", "0"], "must be a positive number"),
     (["--interpolate", "a.png", "b.png", "--steps", "1"], "at least 2"),
     (["--generate", "4", "--prior", "data"], "data needs --data"),
     (["--prior", "normal"], "only --generate uses it; add --generate N"),  # would reconstruct, ignoring it
@@ -132,6 +133,7 @@ def test_bad_mode_arguments(trained, args, phrase):
     (["--generate", "4", "--prior", "normal", "--guidance", "2"], "--guidance: only the learned prior uses it"),
     (["--generate", "4", "--prior", "data", "--data", ".", "--sample-steps", "9"], "only the learned prior uses it"),
     (["--guidance-interval", "0", "1"], "argument --guidance-interval: only --generate uses it"),
+    (["--temperature", "0.8", "--latent-map", "."], "argument --temperature: only --generate uses it"),
     (["--generate", "4", "--prior", "normal", "--guidance-interval", "0", "1"], "only the learned prior uses it"),
 ])
 def test_a_flag_the_chosen_mode_would_ignore_is_an_error(args, phrase, capsys):
@@ -142,6 +144,7 @@ def test_a_flag_the_chosen_mode_would_ignore_is_an_error(args, phrase, capsys):
 
 def test_flags_that_their_mode_uses_are_accepted():
     assert sample_vae.parse_args(["--generate", "4", "--guidance", "2", "--sample-steps", "5"]).guidance == 2
+    assert sample_vae.parse_args(["--generate", "4", "--prior", "normal", "--temperature", "0.8"]).temperature == 0.8
     assert sample_vae.parse_args(["--generate", "4", "--prior", "learned", "--guidance", "1"]).guidance == 1
     assert sample_vae.parse_args(["--interpolate", "a", "b", "--steps", "5"]).steps == 5
     assert sample_vae.parse_args(["--generate", "4", "--guidance-interval", "0", "1"]).guidance_interval == (0, 1)
