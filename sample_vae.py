@@ -39,7 +39,7 @@ STEPS = 10                                        # points on the line of --inte
 SAMPLE_STEPS = 200                                # denoising steps of the learned prior
 GUIDANCE = 1.5                                    # autoguidance of the learned prior by its guide; 1: off
 GUIDANCE_INTERVAL = (0.2, 0.7)                    # noise levels t (1: pure noise) where autoguidance acts
-TEMPERATURE = 1.0                                 # spread of the prior's noise: below 1, flatter, less varied samples
+TEMPERATURE = 1.0                                 # spread of the prior's noise: below 1, flatter, paler samples
 SEED = 0                                          # seeds the latents drawn by --generate
 # -----------------------------------------------------------------------------------------------
 
@@ -248,7 +248,7 @@ def parse_args(argv=None):
                    type=checked(float, lambda v: 0 <= v <= 1, "a noise level from 0 to 1"),
                    help="noise levels (1: pure noise) between which autoguidance acts")
     p.add_argument("--temperature", type=checked(float, lambda v: v > 0, "a positive number"), default=TEMPERATURE,
-                   help="spread of the prior's noise; below 1: flatter, less varied samples")
+                   help="spread of the prior's noise; below 1: flatter, paler samples")
     p.add_argument("--data", metavar="FOLDER", help="images to fit --prior data to")
     p.add_argument("--steps", type=int, default=STEPS, help="points on the --interpolate line, at least 2")
     p.add_argument("--seed", type=int, default=SEED)
