@@ -363,10 +363,11 @@ def pick_device(name):
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
                             else "cpu")
     try:
-        return torch.empty(1, device=name).device  # the one sure test that the device exists here
+        torch.empty(1, device=name)  # the one sure test that the device exists here
     except (RuntimeError, AssertionError) as error:  # a bad name, or no such device or driver
         raise UserError(f"the device {name!r} is not available here ({str(error).splitlines()[0]}); "
                         "use --device auto to pick the best one") from error
+    return torch.device(name)
 
 
 def bf16_is_fast(device):
