@@ -316,6 +316,8 @@ def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
         # The floor's samples are training images: each is its own nearest neighbour.
         assert (copy == 0) == (name == "real training images (floor)"), row
     assert len(os.listdir(tmp_path)) == 6
+    # The low-temperature row draws from the same noise, shrunk: other samples, other distances.
+    assert rows[-1].split("|")[2:6] != rows[-2].split("|")[2:6]
 
     # Another --draw-seed draws other samples from every prior, against the same real images.
     again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
