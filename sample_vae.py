@@ -169,7 +169,8 @@ def generate(model, args, device, show):
         mean, std = fit_data_prior(model, load_folder(args.data, model.image_size, "--data").to(device))
     else:
         mean, std = torch.zeros(shape, device=device), torch.ones(shape, device=device)
-    # A temperature below 1 draws nearer the prior's centre, as in Glow (Kingma and Dhariwal 2018).
+    # Below 1, the noise is drawn nearer its centre (reduced-temperature sampling, as in Glow,
+    # Kingma and Dhariwal 2018): flatter, paler samples, at the cost of the texture distance.
     z = draw_latents(args.generate, mean, std * args.temperature, args.seed)
     if prior is not None:  # the learned prior turns that noise into a latent, step by step
         z = sample_prior(prior, z, args.sample_steps, guide, args.guidance, args.guidance_interval)

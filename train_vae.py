@@ -236,11 +236,14 @@ def plot_loss_curve(metrics, results_dir):
 # --- Stage two: a learned prior over the trained VAE's latent space ---------------------------
 
 def train_prior(model, images, args, device, stop):
-    """Fit the prior, then its smaller guide, to the latent means of the training images and
-    their mirror images (a Pokémon facing the other way is still one). Means, not samples of
-    q(z|x): the decoder ignores the posterior's noise. Not the training augmentation: a rotated
-    copy shows a tilted frame, which the prior would learn to draw. Returns (prior, guide or
-    None), or None after Ctrl-C."""
+    """Fit the prior to the latent means of the training images and of their mirror images (a
+    Pokémon facing the other way is still a Pokémon). Not to the training augmentation: the
+    prior learns to draw whatever its codes show, and a rotated copy shows a tilted frame, a
+    darker one a grey background. Means, not samples z ~ q(z|x): the posterior's noise is about
+    as large as the means' spread, and the decoder ignores it. Then the guide, smaller and
+    shorter, on the same codes, so that both standardise the latent alike; it trains after the
+    prior, which thus trains exactly as it would alone. Returns (prior, guide or None), or None
+    after Ctrl-C."""
     model.eval()
     with torch.no_grad():
         mus = torch.cat([model.encode(to_model_range(x.to(device)).contiguous(memory_format=torch.channels_last))[0]
@@ -391,7 +394,8 @@ def settings(args, device, checkpoint_path):
                             "start a new run without --resume") from None
         # The run goes on as it started; the device, --results-dir, and --out and the prior's
         # flags where given (stage two starts afresh), are this command line's.
-        given = {key: value for key, value in vars(args).items() if value != vars(parse_args([]))[key]}
+        defaults = vars(parse_args([]))
+        given = {key: value for key, value in vars(args).items() if value != defaults[key]}
         fresh = {key: value for key, value in given.items() if key == "out" or key.startswith("prior_")}
         fresh.update(device=args.device, resume=True, results_dir=args.results_dir)
         ignored = [f"--{key.replace('_', '-')}" for key in sorted(given.keys() - fresh.keys())
@@ -428,12 +432,12 @@ def hub_reachable():
 def check_writable(path, flag):
     """Say now, not after an hour of training, that `path` cannot be written. An unnamed
     temporary file in the nearest existing folder on its way proves it and leaves nothing."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; pass {flag} with the path of a file")
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     try:
-        if os.path.isdir(path):
-            raise UserError(f"{path} is a folder; pass {flag} with the path of a file")
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
         raise UserError(f"cannot write to the folder {folder} ({error.strerror}); pass {flag} with a path "
@@ -459,6 +463,8 @@ positive_float = checked(float, lambda v: v > 0, "a positive number")
 fraction = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 steps_or_0 = checked(int, lambda v: v >= 0, "zero or a positive whole number")
 width = checked(int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, like 64")
+channel_list = checked(lambda text: [int(w) for w in text.split(",")], lambda ws: len(ws) == 3 and all(
+    w >= 4 and w % 4 == 0 for w in ws), "three comma-separated multiples of 4, like 32,64,128")
 
 
 def parse_args(argv=None):
@@ -473,9 +479,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=fraction, default=WARMUP, help="share of the steps spent warming up")
     p.add_argument("--kl-weight", type=checked(float, lambda v: v >= 0, "zero or positive"), default=KL_WEIGHT)
     p.add_argument("--latent-channels", type=positive_int, default=LATENT_CHANNELS)
-    p.add_argument("--channels", default=CHANNELS, help="widths at 1/2, 1/4, 1/8 of the image",
-                   type=checked(lambda text: [int(w) for w in text.split(",")], lambda ws: len(ws) == 3 and all(
-                       w >= 4 and w % 4 == 0 for w in ws), "three comma-separated multiples of 4, like 32,64,128"))
+    p.add_argument("--channels", type=channel_list, default=CHANNELS, help="widths at 1/2, 1/4, 1/8 of the image")
     p.add_argument("--val-fraction", type=fraction, default=VAL_FRACTION)
     p.add_argument("--rotation", type=checked(float, lambda v: 0 <= v <= 180, "an angle from 0 to 180 degrees"),
                    default=ROTATION, help="degrees, largest random rotation of a training image")
