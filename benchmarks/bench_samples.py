@@ -183,11 +183,10 @@ def priors(model, prior, guide, train_images, args):
         rows["learned prior without autoguidance"] = (
             None, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps, guidance=1))
     if prior is not None:  # fit s: the whole of stage two, prior and guide
-        for name, temperature in (("learned prior (chosen)", args.temperature),
-                                  (f"learned prior at temperature {LOW_TEMPERATURE}", LOW_TEMPERATURE)):
-            rows[name] = (prior.seconds if temperature == args.temperature else None,
-                          lambda n, g, t=temperature: sample_prior(prior, t * normal(n, g), args.sample_steps, guide,
-                                                                   args.guidance, args.guidance_interval))
+        for name, temperature, fit_s in (("learned prior (chosen)", args.temperature, prior.seconds),
+                                         (f"learned prior at temperature {LOW_TEMPERATURE}", LOW_TEMPERATURE, None)):
+            rows[name] = (fit_s, lambda n, g, t=temperature: sample_prior(prior, t * normal(n, g), args.sample_steps,
+                                                                          guide, args.guidance, args.guidance_interval))
     return rows
 
 

@@ -318,6 +318,8 @@ def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
     assert len(os.listdir(tmp_path)) == 6
     # The low-temperature row draws from the same noise, shrunk: other samples, other distances.
     assert rows[-1].split("|")[2:6] != rows[-2].split("|")[2:6]
+    # Stage two's training time, stored in the checkpoint, belongs to the chosen row alone.
+    assert float(rows[-2].split("|")[6]) > 0 and rows[-1].split("|")[6].strip() == ""
 
     # Another --draw-seed draws other samples from every prior, against the same real images.
     again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
