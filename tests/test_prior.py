@@ -20,6 +20,7 @@ from latent_prior import LatentPrior, fit_prior, load_prior, prior_loss, sample_
 from vae_model import VAE, load_vae, vae_checkpoint
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import bench_samples  # noqa: E402  (benchmarks/ is not a package: found through sys.path)
 
 
 @pytest.mark.parametrize("side", [1, 4, 5])
@@ -272,7 +273,6 @@ def test_ctrl_c_in_stage_two_keeps_the_vae_and_resume_trains_the_prior(tmp_path,
 # ------------------------------------------------------------------ benchmarks/bench_samples.py
 
 def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
-    import bench_samples
     a = torch.randn(300, 6, generator=torch.Generator().manual_seed(0))
     assert abs(bench_samples.frechet_distance(a, a)) < 1e-6
     shifts = [bench_samples.frechet_distance(a, a + s) for s in (0.5, 1.0, 2.0)]
@@ -285,7 +285,6 @@ def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
 
 
 def test_one_piece_counts_figures_that_are_not_fragments():
-    import bench_samples
     images = torch.ones(4, 3, 32, 32)  # white
     images[0, :, 4:20, 4:20] = -1  # one square
     images[1, :, 4:12, 4:12] = images[1, :, 20:28, 20:28] = -1  # two apart
@@ -299,7 +298,6 @@ def test_one_piece_counts_figures_that_are_not_fragments():
 
 
 def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
-    import bench_samples
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
                              "--model", str(trained["model"]), "--data", image_folder, "--samples", "16",
                              "--val-fraction", "0.3", "--sample-steps", "3", "--grids", str(tmp_path)],
