@@ -53,14 +53,48 @@ class Attention(nn.Module):
         return x + mixed.transpose(1, 2).reshape(b, c, h, w)
 
 
-class LatentPrior(nn.Module):
-    """A two-level U-Net over the latent image that predicts v = alpha * noise - sigma * z0
-    from a noised latent z_t = alpha * z0 + sigma * noise. Predicting v rather than the
-    noise stays well-posed at both ends of the schedule (Salimans and Ho 2022)."""
+def levels_for(side):
+    """How many resolutions the prior's U-Net works at over a latent `side` positions a side:
+    one more per doubling of the side, so that self-attention, at the lowest, sees 8 to 15
+    positions a side wherever the latent has 16 or more (16 x 16, the latent of 128 px: 2
+    levels, attention at 8 x 8; 32 x 32: 3; 64 x 64, the latent of 512 px: 4). Convolutions
+    see only their neighbours: at a fixed depth they see less of the figure the larger it is."""
+    levels = 2
+    while side / 2 ** levels >= 8:
+        levels += 1
+    return levels
 
-    def __init__(self, latent_channels=6, width=64, latent_mean=None, latent_std=None):
+
+class Level(nn.Module):
+    """One resolution of the U-Net below the top one: two blocks, then down a level; on the
+    way back up, the skip of this level's features joins the two blocks going up."""
+
+    def __init__(self, channels, time_dim):
         super().__init__()
-        self.config = dict(latent_channels=latent_channels, width=width)
+        self.down = nn.ModuleList([DenoiserBlock(channels, channels, time_dim) for _ in range(2)])
+        self.downsample = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.upsample = nn.Conv2d(channels, channels, 3, padding=1)
+        self.up = nn.ModuleList([DenoiserBlock(2 * channels, channels, time_dim),
+                                 DenoiserBlock(channels, channels, time_dim)])
+
+
+def up_to(h, skip, conv):
+    # Back to the skip's size, not simply 2x: an odd side (40 px images) halves unevenly.
+    return conv(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
+
+
+class LatentPrior(nn.Module):
+    """A U-Net over the latent image that predicts v = alpha * noise - sigma * z0 from a noised
+    latent z_t = alpha * z0 + sigma * noise. Predicting v rather than the noise stays
+    well-posed at both ends of the schedule (Salimans and Ho 2022). `levels` resolutions
+    (levels_for: 2 for the 16 x 16 latent of 128 px): width channels at the latent's own,
+    2 * width below, self-attention at the lowest."""
+
+    def __init__(self, latent_channels=6, width=64, latent_mean=None, latent_std=None, levels=2):
+        super().__init__()
+        if levels < 2:
+            raise ValueError(f"levels must be at least 2, got {levels}")
+        self.config = dict(latent_channels=latent_channels, width=width, levels=levels)
         # The codes are standardised per channel, so that noise of std 1 drowns them fully.
         shape = (1, latent_channels, 1, 1)
         self.register_buffer("latent_mean", torch.zeros(shape) if latent_mean is None else latent_mean.view(shape))
@@ -70,7 +104,8 @@ class LatentPrior(nn.Module):
         self.inp = nn.Conv2d(latent_channels, w, 3, padding=1)
         self.down = nn.ModuleList([DenoiserBlock(w, w, t), DenoiserBlock(w, w, t)])       # h x w
         self.downsample = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
-        self.middle = nn.ModuleList([DenoiserBlock(2 * w, 2 * w, t), DenoiserBlock(2 * w, 2 * w, t)])  # h/2
+        self.inner = nn.ModuleList([Level(2 * w, t) for _ in range(levels - 2)])  # h/2, h/4, ... (none at 16 x 16)
+        self.middle = nn.ModuleList([DenoiserBlock(2 * w, 2 * w, t), DenoiserBlock(2 * w, 2 * w, t)])  # lowest
         self.attention = Attention(2 * w)
         self.upsample = nn.Conv2d(2 * w, w, 3, padding=1)
         self.up = nn.ModuleList([DenoiserBlock(2 * w, w, t), DenoiserBlock(w, w, t)])     # h x w again
@@ -88,14 +123,20 @@ class LatentPrior(nn.Module):
         h = self.inp(z_t)
         for block in self.down:
             h = block(h, e)
-        skip = h
+        skips = [h]
         h = self.downsample(h)
+        for level in self.inner:
+            for block in level.down:
+                h = block(h, e)
+            skips.append(h)
+            h = level.downsample(h)
         for block in self.middle:
             h = block(h, e)
         h = self.attention(h)
-        # Back to the skip's size, not simply 2x: an odd side (40 px images) halves unevenly.
-        h = self.upsample(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
-        h = self.up[0](torch.cat([h, skip], dim=1), e)  # the skip brings back the fine detail
+        for level in reversed(self.inner):  # each skip brings back the detail of its level
+            skip = skips.pop()
+            h = level.up[1](level.up[0](torch.cat([up_to(h, skip, level.upsample), skip], dim=1), e), e)
+        h = self.up[0](torch.cat([up_to(h, skips[0], self.upsample), skips[0]], dim=1), e)
         return self.out(self.up[1](h, e))
 
 
@@ -127,7 +168,8 @@ def fit_prior(codes, width, steps, batch_size, lr, generator, use_amp=False, sto
     Ho et al. 2020); None once `stop` is non-empty (Ctrl-C); raises FloatingPointError when the
     loss is no longer finite."""
     device = codes.device
-    prior = LatentPrior(codes.shape[1], width, codes.mean((0, 2, 3)), codes.std((0, 2, 3))).to(device)
+    prior = LatentPrior(codes.shape[1], width, codes.mean((0, 2, 3)), codes.std((0, 2, 3)),
+                        levels_for(min(codes.shape[-2:]))).to(device)
     ema = torch.optim.swa_utils.AveragedModel(
         prior, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=lr, weight_decay=1e-4)

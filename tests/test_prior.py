@@ -3,6 +3,7 @@ and measured by benchmarks/bench_samples.py."""
 import inspect
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from PIL import Image
 import sample_vae
 import train_vae
 from conftest import HF_HOME, ROOT, assert_user_error, grid_pixels, run_script
-from latent_prior import LatentPrior, fit_prior, load_prior, prior_loss, sample_prior
+from latent_prior import LatentPrior, fit_prior, levels_for, load_prior, prior_loss, sample_prior
 from vae_model import VAE, load_vae, vae_checkpoint
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -28,6 +29,48 @@ def test_prior_samples_have_the_first_stage_latent_shape(side):
     prior = LatentPrior(latent_channels=6, width=16)
     z = sample_prior(prior, torch.randn(3, 6, side, side), steps=4)
     assert z.shape == (3, 6, side, side) and torch.isfinite(z).all()
+
+
+@pytest.mark.parametrize("side, sizes", [
+    (4, [4, 2]), (8, [8, 4]), (16, [16, 8]),     # 32, 64 and 128 px: two levels, as the prior always had
+    (32, [32, 16, 8]), (64, [64, 32, 16, 8])])  # 256 and 512 px: one more level per doubling
+def test_the_prior_grows_a_level_per_doubling_of_the_latent(side, sizes):
+    """fit_prior builds the U-Net that levels_for gives for the codes' side; checked level by
+    level: the feature map every block works on, and self-attention at the lowest level only."""
+    codes = torch.randn(4, 3, side, side)
+    prior = fit_prior(codes, 8, 1, 2, 1e-3, torch.Generator().manual_seed(0))
+    assert prior.config == {"latent_channels": 3, "width": 8, "levels": len(sizes)} and levels_for(side) == len(sizes)
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, output.shape)  # returns None: the output goes on unchanged
+        return hook
+    for name, module in prior.named_modules():
+        if re.fullmatch(r"(inner\.\d\.)?(down|up)\.[01]|middle\.0|attention", name):
+            module.register_forward_hook(record(name))
+    z = sample_prior(prior, torch.randn(2, 3, side, side), steps=2)
+    assert z.shape == (2, 3, side, side) and torch.isfinite(z).all()
+    top, inner, lowest = sizes[0], sizes[1:-1], sizes[-1]
+    expected = {"down.0": (8, top), "down.1": (8, top), "up.0": (8, top), "up.1": (8, top),
+                "middle.0": (16, lowest), "attention": (16, lowest)}
+    for i, size in enumerate(inner):
+        expected.update({f"inner.{i}.{part}": (16, size) for part in ("down.0", "down.1", "up.0", "up.1")})
+    assert {name: (shape[1], shape[-1]) for name, shape in seen.items()} == expected
+
+
+def test_a_prior_saved_before_it_could_grow_still_loads_and_samples(tmp_path):
+    """Checkpoints written before levels existed hold a config without it: they rebuild the
+    two-level U-Net they were trained as, with the same weights and the same samples."""
+    torch.manual_seed(0)
+    prior = LatentPrior(6, 16).eval()
+    old = {"config": {"latent_channels": 6, "width": 16}, "model": prior.state_dict()}
+    model = VAE(32, 6, (8, 8, 8))
+    torch.save({**vae_checkpoint(model), "prior": old}, tmp_path / "old.pth")
+    loaded, guide = load_prior(tmp_path / "old.pth")
+    assert guide is None and loaded.config["levels"] == 2
+    noise = torch.randn(2, 6, 4, 4)
+    assert torch.equal(sample_prior(loaded, noise, steps=3), sample_prior(prior, noise, steps=3))
 
 
 def test_prior_sampling_steps_and_maps_back_to_the_latent_scale():
@@ -123,8 +166,8 @@ def test_the_prior_learns_the_codes_of_the_training_images_and_their_mirrors(mon
 def test_training_saves_the_prior_and_its_guide_with_the_model(trained):
     prior, guide = load_prior(trained["model"])
     channels = train_vae.LATENT_CHANNELS
-    assert isinstance(prior, LatentPrior) and prior.config == {"latent_channels": channels, "width": 16}
-    assert isinstance(guide, LatentPrior) and guide.config == {"latent_channels": channels, "width": 8}
+    assert isinstance(prior, LatentPrior) and prior.config == {"latent_channels": channels, "width": 16, "levels": 2}
+    assert isinstance(guide, LatentPrior) and guide.config == {"latent_channels": channels, "width": 8, "levels": 2}
     # Both standardise the same codes the same way, so their predictions can be mixed.
     assert torch.equal(guide.latent_mean, prior.latent_mean) and torch.equal(guide.latent_std, prior.latent_std)
     checkpoint = torch.load(trained["model"], weights_only=True)
