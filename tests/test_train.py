@@ -158,6 +158,55 @@ def interrupt_in_epoch(monkeypatch, epoch_to_stop):
     monkeypatch.setattr(train_vae, "train_one_epoch", epoch_with_ctrl_c)
 
 
+class Recorder(torch.nn.Module):
+    """A stand-in VAE that keeps the batches it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.batches = torch.nn.Parameter(torch.ones(())), []
+
+    def forward(self, x):
+        self.batches.append(x.clone())
+        zeros = torch.zeros(len(x), 1, 1, 1)
+        return x * self.weight, zeros, zeros
+
+
+def test_an_epoch_indexes_every_training_image_once_in_the_seeded_order():
+    """The images stay where place_images put them (on the CPU here; on a GPU the same
+    indexing runs there) and every batch is an index into them, in the seeded order."""
+    images = torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1).expand(7, 3, 4, 4).contiguous()
+    assert train_vae.place_images(images, torch.device("cpu")) is images
+    model, args = Recorder(), train_vae.parse_args(["--batch-size", "3"])
+    args.epochs, args.use_amp = 1, False
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    train_vae.train_one_epoch(model, images, lambda batch: batch, optimizer, scheduler,
+                              torch.Generator().manual_seed(5), args, torch.device("cpu"), 1)
+    seen = [batch[:, 0, 0, 0].add(1).mul(127.5).round().long().tolist() for batch in model.batches]
+    assert seen == [pick.tolist() for pick in torch.randperm(7, generator=torch.Generator().manual_seed(5)).split(3)]
+
+
+class FakeImages:
+    """Just enough of a uint8 tensor of 100 MB for place_images, without a GPU."""
+
+    def numel(self):
+        return 100_000_000
+
+    def element_size(self):
+        return 1
+
+    def to(self, device):
+        return ("on", str(device))
+
+
+@pytest.mark.parametrize("free_gb, moved", [(1.0, True), (0.39, False)])
+def test_the_training_images_go_to_the_gpu_where_they_fit_in_its_share_of_free_memory(monkeypatch, free_gb, moved):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gb * 1e9, 80e9))
+    images = FakeImages()
+    placed = train_vae.place_images(images, torch.device("cuda"))
+    assert train_vae.GPU_DATA_SHARE == 0.25 and placed == (("on", "cuda") if moved else images)
+
+
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, image_folder, monkeypatch):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert train_in_process("--data", image_folder, *SMALL_RUN, "--results-dir", whole, "--out", whole / "m.pth") == 0
