@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,3 +85,39 @@ def test_ablation_undoes_each_design_choice():
     assert count(model, nn.Upsample) == 0 and count(model, nn.ConvTranspose2d) == 2
     recon, mu, _ = model(torch.rand(2, 3, 32, 32))
     assert recon.shape == (2, 3, 32, 32) and mu.shape == (2, 4, 4, 4)
+
+
+def test_the_gpu_check_runs_end_to_end_in_its_cpu_mode(image_folder, tmp_path):
+    """The prepared GPU check, in the small CPU mode (no install, no test suite, 32 and 16 px):
+    its numbers, the projected default run made of them, the log and the 16-sample grid."""
+    import json
+    from PIL import Image
+    out = tmp_path / "check"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--cpu",
+                             "--data", image_folder, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    for key in ("images_per_s_big", "images_per_s_small", "prior_steps_per_s", "guide_steps_per_s", "evaluate_s"):
+        assert math.isfinite(results[key]) and results[key] > 0, key
+    assert results["tests_exit_status"] is None and results["train_images"] == 11  # 12 images, 1 held out
+    vae_min = 200 * (11 / results["images_per_s_big"] + results["evaluate_s"]) / 60
+    prior_min = (4000 / results["prior_steps_per_s"] + 1000 / results["guide_steps_per_s"]) / 60
+    assert results["projected_vae_min"] == pytest.approx(vae_min)
+    assert results["projected_prior_min"] == pytest.approx(prior_min)
+    assert results["projected_total_min"] == pytest.approx(vae_min + prior_min + results["decode_s"] / 60)
+    log = (out / "log.txt").read_text()
+    assert f"| images/s at 32 px, batch 8 | {results['images_per_s_big']:.1f} |" in log
+    assert f"| {results['projected_total_min']:.0f} min" in log and "test suite: skipped" in log
+    assert "latent: 2 levels" in log  # the 4 x 4 latent of 32 px
+    with Image.open(out / "samples_32.png") as grid:  # 16 samples of 32 px, 8 to a row
+        assert grid.size == (8 * 34 + 2, 2 * 34 + 2)
+        assert len(np.unique(np.asarray(grid.convert("RGB")).reshape(-1, 3), axis=0)) > 16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a machine with a CUDA GPU the check would run")
+def test_the_gpu_check_says_when_there_is_no_gpu(image_folder, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--no-setup",
+                             "--data", image_folder, "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: no CUDA GPU is visible" in result.stdout.strip().splitlines()[-1]
