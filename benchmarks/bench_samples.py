@@ -184,7 +184,8 @@ def priors(model, prior, guide, train_images, args):
             None, lambda n, g: sample_prior(prior, normal(n, g), args.sample_steps, guidance=1))
     if prior is not None:  # fit s: the whole of stage two, prior and guide
         for name, temperature, fit_s in (("learned prior (chosen)", args.temperature, prior.seconds),
-                                         (f"learned prior at temperature {LOW_TEMPERATURE}", LOW_TEMPERATURE, None)):
+                                         (f"learned prior at temperature {args.low_temperature:g}",
+                                          args.low_temperature, None))[:2 if args.low_temperature else 1]:
             rows[name] = (fit_s, lambda n, g, t=temperature: sample_prior(prior, t * normal(n, g), args.sample_steps,
                                                                           guide, args.guidance, args.guidance_interval))
     return rows
@@ -203,6 +204,8 @@ def main():
     p.add_argument("--guidance", type=float, default=sample_vae.GUIDANCE, help="autoguidance; 1 turns it off")
     p.add_argument("--guidance-interval", nargs=2, type=float, default=sample_vae.GUIDANCE_INTERVAL)
     p.add_argument("--temperature", type=float, default=sample_vae.TEMPERATURE, help="of the chosen row")
+    p.add_argument("--low-temperature", type=float, default=LOW_TEMPERATURE,
+                   help="of the learned prior's alternative row; 0 leaves that row out (it costs as much as the chosen)")
     p.add_argument("--grids", metavar="FOLDER", help="also save 16 samples of every row here")
     args = p.parse_args()
     try:

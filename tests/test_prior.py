@@ -362,10 +362,12 @@ def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
     # Stage two's training time, stored in the checkpoint, belongs to the chosen row alone.
     assert float(rows[-2].split("|")[6]) > 0 and rows[-1].split("|")[6].strip() == ""
 
-    # Another --draw-seed draws other samples from every prior, against the same real images.
+    # Another --draw-seed draws other samples from every prior, against the same real images;
+    # --low-temperature 0 leaves that row out.
     again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
                             "--model", str(trained["model"]), "--data", image_folder, "--samples", "16",
-                            "--val-fraction", "0.3", "--sample-steps", "3", "--draw-seed", "1"],
+                            "--val-fraction", "0.3", "--sample-steps", "3", "--draw-seed", "1",
+                            "--low-temperature", "0"],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
 
@@ -373,6 +375,7 @@ def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
         return row.split("|")[2:6]
 
     rows_again = [line for line in again.stdout.splitlines() if line.startswith("| ") and "distance" not in line]
+    assert [row.split("|")[1].strip() for row in rows_again] == names[:-1]  # 0: no low-temperature row
     assert [distances(row) for row in rows_again[:2]] == [distances(row) for row in rows[:2]]
     assert all(distances(a) != distances(b) for a, b in zip(rows_again[2:], rows[2:]))
 
