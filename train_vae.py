@@ -61,9 +61,9 @@ PRIOR_GUIDE_STEPS = 1000  # optimizer steps of the prior's smaller guide (autogu
 PRIOR_GUIDE_WIDTH = 32    # channels of the guide's U-Net
 MODEL_PATH = "vae_model.pth"   # where the final model (config + weights) is written
 RESULTS_DIR = "vae_results"    # grids, metrics.jsonl, loss curve, resumable checkpoint
-GPU_DATA_SHARE = 0.25     # the training images live on the GPU if they take at most this share of its free memory
 # -----------------------------------------------------------------------------------------------
 GRID_IMAGES = 8           # validation images shown in each reconstruction grid
+GPU_DATA_SHARE = 0.25     # the training images live on a GPU if they take at most this share of its free memory
 WHITE = (255, 255, 255)
 
 
