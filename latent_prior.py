@@ -174,10 +174,11 @@ def fit_prior(codes, width, steps, batch_size, lr, generator, use_amp=False, sto
         prior, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    for _ in tqdm(range(steps), desc=desc, leave=False):
+    # Every step's batch is drawn now and sent to the device once: a copy per step would wait.
+    picks = torch.randint(len(codes), (steps, batch_size), generator=generator).to(device)
+    for pick in tqdm(picks, desc=desc, leave=False):
         if stop:
             return None
-        pick = torch.randint(len(codes), (batch_size,), generator=generator).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = prior_loss(prior, codes[pick])
         optimizer.zero_grad(set_to_none=True)
