@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import make_grid
 
-from train_vae import (UserError, check_writable, checked, image_files, load_images, open_rgb, pick_device,
+from train_vae import (CACHE_DIR, UserError, cached_images, check_writable, checked, image_files, open_rgb, pick_device,
                        positive_int, save_png, to_model_range, to_square)
 from latent_prior import load_prior, sample_prior
 from vae_model import CheckpointError, atomic_write, load_vae, psnr, vae_loss
@@ -54,21 +54,21 @@ def load_model(path, device, loader=load_vae):
         raise UserError(f"{error}; pass --model with a checkpoint written by train_vae.py") from error
 
 
-def load_image(path, size, flag="--image"):
-    """One image as a (1, 3, size, size) tensor in [-1, 1], prepared exactly as in training."""
+def load_image(path, model, flag="--image"):
+    """One image as a (1, 3, size, size) tensor in [-1, 1], prepared exactly as the model's training images."""
     if not os.path.isfile(path):
         raise UserError(f"the image {path} does not exist; pass {flag} with the path of an image")
     try:
-        image = to_square(open_rgb(path), size)
+        image = to_square(open_rgb(path), model.image_size, model.fit)
     except Exception as error:  # PIL raises several types for broken files
         raise UserError(f"{path} is not a readable image ({type(error).__name__}); pass a PNG or JPEG file") from error
     return to_model_range(pil_to_tensor(image).unsqueeze(0))
 
 
-def load_folder(folder, size, flag):
+def load_folder(folder, model, flag):
     if not os.path.isdir(folder):
         raise UserError(f"the folder {folder} does not exist; pass {flag} with an existing folder of images")
-    return to_model_range(load_images(image_files(folder, flag), size, folder))
+    return to_model_range(cached_images(image_files(folder, flag), model.image_size, model.fit, folder, CACHE_DIR))
 
 
 @torch.no_grad()
@@ -103,7 +103,7 @@ def save_grid(images, path, nrow, show):
 
 @torch.no_grad()
 def reconstruct(model, args, device, show):
-    x = load_image(args.image, model.image_size).to(device)
+    x = load_image(args.image, model).to(device)
     mu, log_var = model.encode(x)
     recon = model.decode(mu)  # decoding the mean, not a sample: the model's best guess
     kl = vae_loss(recon, x, mu, log_var)[2]  # the same closed form as in training
@@ -166,7 +166,7 @@ def generate(model, args, device, show):
     shape = (model.config["latent_channels"], side, side)
     name, prior, guide = pick_prior(args, device)
     if name == "data":
-        mean, std = fit_data_prior(model, load_folder(args.data, model.image_size, "--data").to(device))
+        mean, std = fit_data_prior(model, load_folder(args.data, model, "--data").to(device))
     else:
         mean, std = torch.zeros(shape, device=device), torch.ones(shape, device=device)
     # Below 1, the noise is drawn nearer its centre (reduced-temperature sampling, as in Glow,
@@ -190,7 +190,7 @@ def interpolation(model, a, b, steps):
 
 
 def interpolate(model, args, device, show):
-    a, b = (load_image(path, model.image_size, "--interpolate").to(device) for path in args.interpolate)
+    a, b = (load_image(path, model, "--interpolate").to(device) for path in args.interpolate)
     frames = interpolation(model, a, b, args.steps)
     pictures = [Image.fromarray((to_picture(frame) * 255).round().astype("uint8")) for frame in frames]
     pictures += pictures[-2:0:-1]  # there and back, so that the GIF loops without a jump
@@ -214,7 +214,7 @@ def latent_positions(mus):
 
 
 def latent_map(model, args, device, show):
-    images = load_folder(args.latent_map, model.image_size, "--latent-map").to(device)
+    images = load_folder(args.latent_map, model, "--latent-map").to(device)
     xy = latent_positions(encode_means(model, images)).numpy()
     fig, axis = plt.subplots(figsize=(12, 12))
     axis.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0)  # sets the axis limits

@@ -9,11 +9,14 @@ two (the prior of latent_prior.py), train() which joins them; then the plumbing 
 paths) and the command line, which a first reading can skip.
 """
 import argparse
+import glob
+import hashlib
 import io
 import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -23,6 +26,7 @@ import urllib.parse
 
 import datasets
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
@@ -37,6 +41,7 @@ from vae_model import (VAE, CheckpointError, atomic_write, load_checkpoint, psnr
 # -----------------------------------------------------------------------------------------------
 DATASET = "svjack/pokemon-blip-captions-en-zh"  # Hub data set name, or a local folder of images
 IMAGE_SIZE = 512          # px, side of the square training image (with a CUDA GPU)
+FIT = "pad"               # how images become square: "pad" with white (artwork on white) or "crop" the centre (photos)
 EPOCHS = 200              # passes over the training images (with a CUDA GPU)
 CPU_IMAGE_SIZE = 128      # px, used instead of IMAGE_SIZE without a CUDA GPU (CPU, Apple GPU)
 CPU_EPOCHS = 80           # used instead of EPOCHS without a CUDA GPU
@@ -61,6 +66,7 @@ PRIOR_GUIDE_STEPS = 1000  # optimizer steps of the prior's smaller guide (autogu
 PRIOR_GUIDE_WIDTH = 32    # channels of the guide's U-Net
 MODEL_PATH = "vae_model.pth"   # where the final model (config + weights) is written
 RESULTS_DIR = "vae_results"    # grids, metrics.jsonl, loss curve, resumable checkpoint
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "vae_pokemon")  # decoded images; delete to free
 # -----------------------------------------------------------------------------------------------
 GRID_IMAGES = 8           # validation images shown in each reconstruction grid
 GPU_DATA_SHARE = 0.25     # the training images live on a GPU if they take at most this share of its free memory
@@ -71,7 +77,7 @@ class UserError(Exception):
     """A mistake the user can fix: main() prints it as one sentence and exits with status 2."""
 
 
-# --- Loading: every image decoded once, as RGB on white, padded square and resized ----------
+# --- Loading: every image decoded once (RGB on white, square, resized) into a cache on disk --
 
 def image_files(source, flag="--data"):
     """Every file under a local folder (no split inferred from names), or a Hub data set's images."""
@@ -96,14 +102,15 @@ def image_files(source, flag="--data"):
     column = next((key for key, kind in table.features.items() if isinstance(kind, datasets.Image)), None)
     if column is None:
         raise UserError(f"the data set {source} has no image column; pass --data with a folder of images")
-    # Undecoded bytes, so that one corrupt image is skipped in load_images instead of ending the run.
+    # Undecoded bytes, so that one corrupt image is skipped in build_cache instead of ending the run.
     return [item["bytes"] or item["path"] for item in table.cast_column(column, datasets.Image(decode=False))[column]]
 
 
 def open_rgb(file):
-    """An image file (path or file object) of any mode as RGB on a white background."""
+    """An image file (path or file object) of any mode as RGB on a white background, upright."""
     image = Image.open(file)
     image.load()  # decode now, so that a truncated file fails here and not later
+    image = ImageOps.exif_transpose(image)  # a phone photo stored sideways, turned as viewers show it
     if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grey: scale to 8 bits
         image = image.point(lambda v: v * (255 / 65535 if image.mode.startswith("I") else 255)).convert("L")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa", "P") or "transparency" in image.info:
@@ -112,44 +119,91 @@ def open_rgb(file):
     return image.convert("RGB")
 
 
-def to_square(image, size):
-    """Resize to size x size without distorting the shape: fit, then pad with white."""
+def to_square(image, size, fit=FIT):
+    """Resize to size x size without distorting the shape: fit, then pad with white (artwork on
+    white), or fill the square and cut off what sticks out of its centre (photos)."""
+    if fit == "crop":
+        return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
     return ImageOps.pad(image, (size, size), method=Image.Resampling.BICUBIC, color=WHITE)
 
 
-def load_images(files, size, source):
-    """All images as one uint8 tensor (N, 3, size, size), decoded once: the epochs read memory."""
-    images = []
-    for file in tqdm(files, desc=f"loading images at {size} px", leave=False):
-        try:
-            image = open_rgb(io.BytesIO(file) if isinstance(file, bytes) else file)  # bytes from the Hub
-            images.append(pil_to_tensor(to_square(image, size)))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            pass
-    if len(images) < len(files):
-        print(f"skipped {len(files) - len(images)} file(s) that are not readable images")
+def cached_images(files, size, fit, source, cache_dir):
+    """All images as one uint8 tensor (N, 3, size, size), decoded once into a file on disk and
+    memory-mapped from then on: the page cache holds the pixels, not this process, so memory does
+    not grow with the data set. The file is keyed by every file's path, size and modification
+    time (a Hub image's bytes), the size and the fit: a changed folder gets a new one."""
+    key = hashlib.sha256()
+    for file in files:
+        stat = None if isinstance(file, bytes) else os.stat(file)
+        key.update(file if stat is None else f"{os.path.abspath(file)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    name = hashlib.sha256((os.path.abspath(source) if os.path.isdir(source) else source).encode()).hexdigest()[:12]
+    path = os.path.join(os.path.expanduser(cache_dir), f"{name}-{size}px-{fit}-{key.hexdigest()[:16]}.npy")
+    try:  # copy-on-write: writable as torch wants, never written
+        images = np.load(path, mmap_mode="c")
+        assert images.shape[1:] == (3, size, size)
+    except (OSError, ValueError, EOFError, AssertionError):  # none yet, or cut short: build it
+        images = build_cache(files, size, fit, path)
+    skipped = len(files) - len(images)
+    print(f"{len(images)} images at {size} px ({fit}) cached in {path}"
+          + (f"; skipped {skipped} file(s) that are not readable images" if skipped else ""))
     if len(images) < 2:
         raise UserError(f"{source} holds {len(images)} readable image(s) and at least 2 are needed; "
                         "add images or pass another folder")
-    return torch.stack(images)
+    return torch.from_numpy(images)
 
 
-def split(images, fraction, seed):
-    """A fixed, seeded train/validation split."""
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    n_val = min(len(images) - 1, max(1, round(len(images) * fraction)))
-    return images[order[n_val:]], images[order[:n_val]]
+def build_cache(files, size, fit, path):
+    """Decode every image (skipping unreadable files) into a temporary file renamed to `path`
+    once whole: Ctrl-C, a kill or a full disk leaves no cache that could be read half-written."""
+    folder, shape = os.path.dirname(path), (3, size, size)
+
+    def write(tmp):
+        out, count = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(files),) + shape), 0
+        for file in tqdm(files, desc=f"caching images at {size} px", leave=False):
+            try:
+                image = open_rgb(io.BytesIO(file) if isinstance(file, bytes) else file)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                continue
+            out[count], count = pil_to_tensor(to_square(image, size, fit)).numpy(), count + 1
+        if count < len(files):  # the readable images only, in a file their size
+            np.lib.format.open_memmap(tmp + ".part", "w+", np.uint8, (count,) + shape)[:] = out[:count]
+            del out  # closes the memory map, so that its file can be replaced
+            os.replace(tmp + ".part", tmp)
+
+    try:  # the room is checked first: a memory map that runs out of disk crashes, it cannot say so
+        os.makedirs(folder, exist_ok=True)
+        if shutil.disk_usage(folder).free < (need := len(files) * math.prod(shape)) + 2**26:
+            raise UserError(f"caching {len(files)} images at {size} px needs {need / 1e9:.2f} GB free in {folder}; "
+                            "make room there or pass --cache-dir with a folder on another disk")
+        atomic_write(path, write)
+    except OSError as error:
+        raise UserError(f"cannot write the image cache in {folder} ({error.strerror or error}); "
+                        "pass --cache-dir with a folder you can write to") from error
+    for old in set(glob.glob(glob.escape(path.rsplit("-", 1)[0]) + "-*")) - {path}:  # before the folder changed
+        os.remove(old)
+    return np.load(path, mmap_mode="c")
+
+
+def split(count, fraction, seed):
+    """A fixed, seeded train/validation split, as indices: the images themselves stay on disk."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    n_val = min(count - 1, max(1, round(count * fraction)))
+    return order[n_val:], order[:n_val]
 
 
 # --- Augmentation: on uint8 batches already in memory, on the training device --------------
 
-def make_augment(rotation=ROTATION):
+def make_augment(rotation=ROTATION, fit=FIT, size=None):
     """Flip, rotation and light colour jitter (no hue shift: a blue Pikachu is no Pikachu). A v2
     transform on a batch draws one flip and angle for all of it, cheaper than one per image;
-    batches are reshuffled every epoch, so an image still meets a new one each time."""
-    return v2.Compose([v2.RandomHorizontalFlip(),
-                       v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=255),
-                       v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1)])
+    batches are reshuffled every epoch, so an image still meets a new one each time. A cropped
+    photo is not on white: its edges are mirrored out so that no turned corner shows."""
+    rotate = v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=255)
+    if fit == "crop":
+        turn = math.radians(min(rotation, 45.0))
+        margin = math.ceil(size * (math.cos(turn) + math.sin(turn) - 1) / 2) + 1
+        rotate = v2.Compose([v2.Pad(margin, padding_mode="reflect"), rotate, v2.CenterCrop(size)])
+    return v2.Compose([v2.RandomHorizontalFlip(), rotate, v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1)])
 
 
 def to_model_range(batch_uint8):
@@ -158,30 +212,29 @@ def to_model_range(batch_uint8):
 
 # --- One epoch of training ----------------------------------------------------------------------
 
-def place_images(images, device):
-    """Where the training images live for the epochs. On a GPU, where they fit in
-    GPU_DATA_SHARE of its free memory (833 images at 512 px: 655 MB as uint8): there, so that a
-    batch is an index into them and nothing is copied per step. Otherwise in host memory."""
-    if device.type == "cuda" and images.numel() * images.element_size() <= (
-            GPU_DATA_SHARE * torch.cuda.mem_get_info(device)[0]):
-        return images.to(device)
-    return images
+def place_images(images, index, device):
+    """Where the training images images[index] live, and their indices there: on a GPU, where
+    they take at most GPU_DATA_SHARE of its free memory (833 images at 512 px: 655 MB as uint8),
+    so that a batch is an index into them and nothing is copied per step; else in the cache."""
+    if device.type == "cuda" and len(index) * images[0].numel() <= GPU_DATA_SHARE * torch.cuda.mem_get_info(device)[0]:
+        on_gpu = torch.cat([images[chunk].to(device) for chunk in index.split(256)])  # a chunk at a time through RAM
+        return on_gpu, torch.arange(len(index), device=device)
+    return images, index
 
 
 def fetch(images, pick, device):
-    """One batch of uint8 images on the device. From host memory to a GPU it is gathered
-    straight into pinned memory (PyTorch caches those buffers), so that its copy runs while
-    the GPU still works on the step before."""
+    """One batch of uint8 images on the device. For a GPU it is gathered straight into pinned
+    memory (PyTorch caches those buffers): its copy runs while the GPU works on the last step."""
     if images.device.type == "cpu" and device.type == "cuda":
         pinned = torch.empty((len(pick),) + images.shape[1:], dtype=images.dtype, pin_memory=True)
         return torch.index_select(images, 0, pick, out=pinned).to(device, non_blocking=True)
     return images[pick].to(device)
 
 
-def train_one_epoch(model, images, augment, optimizer, scheduler, shuffle, args, device, epoch):
-    """One pass over the shuffled images; the mean MSE and KL per image, summed on the device
+def train_one_epoch(model, images, index, augment, optimizer, scheduler, shuffle, args, device, epoch):
+    """One pass over images[index], shuffled; the mean MSE and KL per image, summed on the device
     and read once, so that the loop never waits for the GPU (no .item(), no test of a tensor)."""
-    batches = torch.randperm(len(images), generator=shuffle).to(images.device).split(args.batch_size)
+    batches = index[torch.randperm(len(index), generator=shuffle).to(index.device)].split(args.batch_size)
     sums = torch.zeros(2, device=device)
     for pick in tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", leave=False):
         x = to_model_range(augment(fetch(images, pick, device))).contiguous(memory_format=torch.channels_last)
@@ -255,19 +308,19 @@ def plot_loss_curve(metrics, results_dir):
 
 # --- Stage two: a learned prior over the trained VAE's latent space ---------------------------
 
-def train_prior(model, images, args, device, stop):
+def train_prior(model, images, index, args, device, stop):
     """Fit the prior to the latent means of the training images and of their mirror images (a
-    Pokémon facing the other way is still a Pokémon). Not to the training augmentation: the
-    prior learns to draw whatever its codes show, and a rotated copy shows a tilted frame, a
-    darker one a grey background. Means, not samples z ~ q(z|x): the posterior's noise is about
-    as large as the means' spread, and the decoder ignores it. Then the guide, smaller and
-    shorter, on the same codes, so that both standardise the latent alike; it trains after the
-    prior, which thus trains exactly as it would alone. Returns (prior, guide or None), or None
-    after Ctrl-C."""
+    Pokémon facing the other way is still a Pokémon). Not to the training augmentation: the prior
+    draws whatever its codes show, and a rotated copy shows a tilted frame, a darker one a grey
+    background. Means, not samples z ~ q(z|x): the posterior's noise is about as large as the
+    means' spread, and the decoder ignores it. Then the guide, smaller and shorter, on the same
+    codes (it trains after the prior, which thus trains as it would alone). Returns (prior, guide
+    or None), or None after Ctrl-C."""
     model.eval()
     with torch.no_grad():
-        mus = torch.cat([model.encode(to_model_range(x.to(device)).contiguous(memory_format=torch.channels_last))[0]
-                         for batch in images.split(32) for x in (batch, batch.flip(-1))]).float()
+        batches = (images[pick].to(device) for pick in index.split(32))
+        mus = torch.cat([model.encode(to_model_range(x).contiguous(memory_format=torch.channels_last))[0]
+                         for batch in batches for x in (batch, batch.flip(-1))]).float()
     generator, fits = torch.Generator().manual_seed(args.seed), []
     for width, steps, what in ((args.prior_width, args.prior_steps, "learned prior"),
                                (args.prior_guide_width, args.prior_guide_steps, "its guide")):
@@ -288,27 +341,27 @@ def train(args):
     device = pick_device(args.device)
     checkpoint_path = os.path.join(args.results_dir, "checkpoint.pth")
     args, resumed = settings(args, device, checkpoint_path)
-    images = load_images(image_files(args.data), args.image_size, args.data)
     check_writable(args.out, "--out")
     check_writable(checkpoint_path, "--results-dir")
+    images = cached_images(image_files(args.data), args.image_size, args.fit, args.data, args.cache_dir)
     os.makedirs(args.results_dir, exist_ok=True)  # only now, so that a bad input changes no file
     torch.manual_seed(args.seed)
-    train_images, val_images = split(images, args.val_fraction, args.seed)
-    print(f"{len(train_images)} training and {len(val_images)} validation images from {args.data}")
-    augment, val_images = make_augment(args.rotation), val_images.to(device)
-    train_images = place_images(train_images, device)
+    train_rows, val_rows = split(len(images), args.val_fraction, args.seed)
+    print(f"{len(train_rows)} training and {len(val_rows)} validation images from {args.data}")
+    augment, val_images = make_augment(args.rotation, args.fit, args.image_size), images[val_rows].to(device)
+    images, train_rows = place_images(images, train_rows, device)
     if device.type == "cuda":
-        print(f"training images ({train_images.numel() / 1e6:.0f} MB) " + (
-            "on the GPU" if train_images.is_cuda else "in host memory, a pinned batch at a time"))
-    if device.type == "cuda":
+        print(f"training images ({len(train_rows) * images[0].numel() / 1e6:.0f} MB) " + (
+            "on the GPU" if images.is_cuda else "in host memory, a pinned batch at a time"))
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
 
     # channels_last (NHWC) is the layout the oneDNN and cuDNN convolution kernels prefer.
-    model = VAE(args.image_size, args.latent_channels, args.channels).to(device, memory_format=torch.channels_last)
+    model = VAE(args.image_size, args.latent_channels, args.channels, args.fit)
+    model = model.to(device, memory_format=torch.channels_last)
     side = args.image_size // 8
     noise = torch.randn(16, args.latent_channels, side, side, generator=torch.Generator().manual_seed(args.seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps = args.epochs * math.ceil(len(train_images) / args.batch_size)
+    steps = args.epochs * math.ceil(len(train_rows) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, steps, pct_start=args.warmup)
     shuffle = torch.Generator().manual_seed(args.seed)
     saved_epoch, metrics = 0, []
@@ -336,10 +389,11 @@ def train(args):
     started = time.perf_counter() - (metrics[-1]["elapsed_s"] if metrics else 0.0)
     for epoch in range(saved_epoch + 1, args.epochs + 1):
         tick = time.perf_counter()
-        mse, kl = train_one_epoch(step_model, train_images, augment, optimizer, scheduler, shuffle, args, device, epoch)
+        mse, kl = train_one_epoch(step_model, images, train_rows, augment, optimizer, scheduler, shuffle, args,
+                                  device, epoch)
         seconds = time.perf_counter() - tick  # the epoch's training alone, without its evaluation
         row = {"epoch": epoch, "train_mse": mse, "train_kl": kl, **evaluate(model, val_images, device, args.kl_weight),
-               "images_per_s": len(train_images) / seconds, "elapsed_s": time.perf_counter() - started}
+               "images_per_s": len(train_rows) / seconds, "elapsed_s": time.perf_counter() - started}
         # A non-finite loss or weight is never saved: the last good checkpoint stays as it is.
         if not all(map(math.isfinite, row.values())) or not all(p.isfinite().all() for p in model.parameters()):
             raise UserError(f"training diverged in epoch {epoch} (loss {mse + kl:g}, val loss {row['val_loss']:g}); "
@@ -367,7 +421,7 @@ def train(args):
           f"val KL {metrics[-1]['val_kl']:.0f} nats per image; saved to {args.out}")
     if args.prior_steps:
         tick = time.perf_counter()
-        priors = train_prior(model, train_images, args, device, stop)
+        priors = train_prior(model, images, train_rows, args, device, stop)
         if priors is None:
             print(f"interrupted in stage two; the trained VAE is saved in {args.out} and usable; "
                   f"to train its prior, run `{resume}`", file=sys.stderr)
@@ -421,7 +475,7 @@ def settings(args, device, checkpoint_path):
         defaults = vars(parse_args([]))
         given = {key: value for key, value in vars(args).items() if value != defaults[key]}
         fresh = {key: value for key, value in given.items() if key == "out" or key.startswith("prior_")}
-        fresh.update(device=args.device, resume=True, results_dir=args.results_dir)
+        fresh.update(device=args.device, resume=True, results_dir=args.results_dir, cache_dir=args.cache_dir)
         ignored = [f"--{key.replace('_', '-')}" for key in sorted(given.keys() - fresh.keys())
                    if given[key] != resumed["args"].get(key, given[key])]
         if ignored:
@@ -496,6 +550,7 @@ def parse_args(argv=None):
     by_device = "default {} with a CUDA GPU, {} without".format
     p.add_argument("--data", default=DATASET, help="Hub data set name or local image folder")
     p.add_argument("--epochs", type=positive_int, help=by_device(EPOCHS, CPU_EPOCHS))
+    p.add_argument("--fit", choices=["pad", "crop"], default=FIT, help="pad with white (artwork) or crop (photos)")
     p.add_argument("--image-size", type=checked(int, lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 (the "
                    "encoder halves the image three times)"), help="px; " + by_device(IMAGE_SIZE, CPU_IMAGE_SIZE))
     p.add_argument("--batch-size", type=positive_int, help=by_device(BATCH_SIZE, CPU_BATCH_SIZE))
@@ -522,6 +577,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", default=MODEL_PATH, help="where to save the final model")
     p.add_argument("--results-dir", default=RESULTS_DIR)
+    p.add_argument("--cache-dir", default=CACHE_DIR, help="where the decoded images are kept between runs")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --results-dir")
     return p.parse_args(argv)
 

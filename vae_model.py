@@ -93,14 +93,15 @@ class Decoder(nn.Module):
 # --- The VAE: encoder, reparameterization trick, decoder -----------------------------------
 
 class VAE(nn.Module):
-    def __init__(self, image_size=128, latent_channels=6, channels=(32, 64, 128)):
+    def __init__(self, image_size=128, latent_channels=6, channels=(32, 64, 128), fit="pad"):
         super().__init__()
         if image_size % 8 != 0:
             raise ValueError(f"image_size must be a multiple of 8, got {image_size}")
-        # Kept so that a checkpoint can rebuild this exact model (see vae_checkpoint).
+        # Kept so that a checkpoint can rebuild this exact model (see vae_checkpoint), and
+        # prepare its images as training did: fit is how they were made square, "pad" or "crop".
         self.config = dict(image_size=image_size, latent_channels=latent_channels,
-                           channels=list(channels))
-        self.image_size = image_size
+                           channels=list(channels), fit=fit)
+        self.image_size, self.fit = image_size, fit
         self.encoder = Encoder(latent_channels, channels)
         self.decoder = Decoder(latent_channels, channels)
 

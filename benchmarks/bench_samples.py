@@ -207,17 +207,20 @@ def main():
     p.add_argument("--low-temperature", type=float, default=LOW_TEMPERATURE,
                    help="of the learned prior's alternative row; 0 leaves that row out (it costs as much as the chosen)")
     p.add_argument("--grids", metavar="FOLDER", help="also save 16 samples of every row here")
+    p.add_argument("--only", metavar="TEXT", default="",
+                   help="draw only the priors whose row name holds TEXT, like '(chosen)' (the real rows always)")
     args = p.parse_args()
     try:
         model = sample_vae.load_model(args.model, "cpu")
         prior, guide = sample_vae.load_model(args.model, "cpu", loader=load_prior)
-        images = sample_vae.load_folder(args.data, model.image_size, "--data")
+        images = sample_vae.load_folder(args.data, model, "--data")
     except train_vae.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     if prior is not None:
         prior.seconds = torch.load(args.model, weights_only=True)["prior"].get("seconds", float("nan"))
-    train_images, unseen = train_vae.split(images, args.val_fraction, args.seed)
+    train_rows, unseen_rows = train_vae.split(len(images), args.val_fraction, args.seed)
+    train_images, unseen = images[train_rows], images[unseen_rows]
     print(f"{len(train_images)} training images, {len(unseen)} unseen; {args.samples} samples per row")
     layout, texture = LayoutFeatures(train_images), TextureFeatures(train_images)
     unseen_layout, unseen_texture = layout(unseen), texture(unseen)
@@ -235,6 +238,8 @@ def main():
     recon = torch.cat([model.decode(mu) for mu in sample_vae.encode_means(model, train_images[pick]).split(64)])
     print(row("real latents (reconstructions)", recon, "", f"{time.perf_counter() - tick:.1f}"))
     for name, (fit_s, draw) in priors(model, prior, guide, train_images, args).items():
+        if args.only not in name:
+            continue
         tick = time.perf_counter()
         z = draw(args.samples, torch.Generator().manual_seed(args.draw_seed))
         samples = torch.cat([model.decode(part) for part in z.split(64)])

@@ -63,30 +63,31 @@ def train_for(seconds, images, size, batch_size, device, log):
     from vae_model import VAE
     args = train_vae.parse_args(["--image-size", str(size), "--batch-size", str(batch_size)])
     args.epochs, args.use_amp = train_vae.EPOCHS, train_vae.bf16_is_fast(device)
-    train_images, val_images = train_vae.split(images, args.val_fraction, args.seed)
-    train_images, val_images = train_vae.place_images(train_images, device), val_images.to(device)
-    log(f"{size} px: {len(train_images)} training images "
-        f"{'on the GPU' if train_images.device.type == 'cuda' else 'in host memory'}, batch {batch_size}, "
+    train_index, val_index = train_vae.split(len(images), args.val_fraction, args.seed)
+    val_images = images[val_index].to(device)
+    images, train_index = train_vae.place_images(images, train_index, device)
+    log(f"{size} px: {len(train_index)} training images "
+        f"{'on the GPU' if images.device.type == 'cuda' else 'in host memory'}, batch {batch_size}, "
         f"bfloat16 autocast {'on' if args.use_amp else 'off'}")
     model = VAE(size, args.latent_channels, args.channels).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps = args.epochs * -(-len(train_images) // batch_size)
+    steps = args.epochs * -(-len(train_index) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, steps, pct_start=args.warmup)
     augment, shuffle = train_vae.make_augment(args.rotation), torch.Generator().manual_seed(args.seed)
     started, timed, counted, epoch = time.perf_counter(), 0.0, 0, 0
     while epoch < 2 or time.perf_counter() - started < seconds:
         epoch += 1
         tick = time.perf_counter()
-        mse, kl = train_vae.train_one_epoch(model, train_images, augment, optimizer, scheduler, shuffle, args,
-                                            device, epoch)  # .tolist() at its end waits for the GPU
+        mse, kl = train_vae.train_one_epoch(model, images, train_index, augment, optimizer, scheduler, shuffle,
+                                            args, device, epoch)  # .tolist() at its end waits for the GPU
         if epoch > 1:
-            timed, counted = timed + time.perf_counter() - tick, counted + len(train_images)
+            timed, counted = timed + time.perf_counter() - tick, counted + len(train_index)
     tick = time.perf_counter()
     val = train_vae.evaluate(model, val_images, device, args.kl_weight)
     evaluate_s = time.perf_counter() - tick
     log(f"{size} px: {epoch} epochs in {time.perf_counter() - started:.0f} s, {counted / timed:.1f} images/s "
         f"after the first; train mse {mse:.0f}, val PSNR {val['val_psnr']:.2f} dB")
-    return model, train_images, counted / timed, evaluate_s
+    return model, images[train_index], counted / timed, evaluate_s
 
 
 def time_prior(codes, width, steps, use_amp):
@@ -117,7 +118,8 @@ def measure(args, log):
     files = train_vae.image_files(args.data)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "data": args.data}
     tick = time.perf_counter()
-    images = {size: train_vae.load_images(files, size, args.data) for size in (big, small)}
+    images = {size: train_vae.cached_images(files, size, "pad", args.data, train_vae.CACHE_DIR)
+              for size in (big, small)}
     results["decode_s"] = time.perf_counter() - tick
     log(f"{len(images[big])} images decoded at {big} and {small} px in {results['decode_s']:.0f} s")
 

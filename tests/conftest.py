@@ -13,7 +13,8 @@ from torchvision.utils import make_grid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_HOME = tempfile.mkdtemp(prefix="vae_tests_hf_")  # keeps datasets' cache out of ~ and the repo
 # Set before any test module imports datasets (through train_vae), so in-process tests are offline too.
-os.environ.update(HF_HOME=HF_HOME, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+CACHE_HOME = tempfile.mkdtemp(prefix="vae_tests_cache_")  # and train_vae.py's image cache out of ~/.cache
+os.environ.update(HF_HOME=HF_HOME, HF_HUB_OFFLINE="1", MPLBACKEND="Agg", XDG_CACHE_HOME=CACHE_HOME)
 PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
@@ -39,7 +40,8 @@ def make_folder(folder, count=12, size=(48, 40)):
 
 def run_script(script, *args, cwd=None, env=None, timeout=300):
     """Run one of the project's scripts as a user would, headless and offline."""
-    full_env = {**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "HF_HOME": HF_HOME}
+    full_env = {**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "HF_HOME": HF_HOME,
+                "XDG_CACHE_HOME": CACHE_HOME}
     for name in ("DISPLAY", "WAYLAND_DISPLAY") + PROXIES:  # no window; and no test goes out to the network
         full_env.pop(name, None)
     full_env.update(env or {})

@@ -72,7 +72,7 @@ def test_hub_data_set_that_does_not_exist(tmp_path):
     ("--epochs", "0", "positive"), ("--epochs", "ten", "positive whole number"),
     ("--batch-size", "-4", "positive"), ("--lr", "0", "positive"), ("--kl-weight", "-1", "zero or positive"),
     ("--rotation", "360", "0 to 180 degrees"), ("--warmup", "1", "between 0 and 1"),
-    ("--device", "cuda:7", "not available"),
+    ("--device", "cuda:7", "not available"), ("--fit", "stretch", "invalid choice"),
 ])
 def test_bad_flag_values(tmp_path, flag, value, phrase):
     if flag == "--device" and torch.cuda.device_count() > 7:

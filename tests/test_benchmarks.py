@@ -121,3 +121,18 @@ def test_the_gpu_check_says_when_there_is_no_gpu(image_folder, tmp_path):
                             timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: no CUDA GPU is visible" in result.stdout.strip().splitlines()[-1]
+
+
+def test_the_memory_benchmark_times_a_first_and_a_second_run_of_linked_folders(image_folder, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_memory.py"),
+                             "--data", image_folder, "--copies", "2", "--sizes", "32", "--work", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [row] = [line for line in result.stdout.splitlines() if line.startswith("| 24 |")]
+    cells = [cell.strip().removesuffix(" GB") for cell in row.split("|")[1:-1]]
+    assert cells[:2] == ["24", "32"] and all(float(cell) > 0 for cell in cells[2:]), row
+    linked = tmp_path / "2x"  # hard links under distinct names, not copies
+    assert sorted(os.listdir(linked))[:2] == ["00_blob_00.png", "00_blob_01.png"] and len(os.listdir(linked)) == 24
+    assert os.stat(linked / "01_blob_03.png").st_ino == os.stat(os.path.join(image_folder, "blob_03.png")).st_ino
+    [cache] = os.listdir(tmp_path / "cache")  # the runs' own cache, kept apart from the user's
+    assert "-32px-pad-" in cache and cache.endswith(".npy")

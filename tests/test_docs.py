@@ -51,6 +51,9 @@ def test_readme_flag_table_gives_the_defaults_of_parse_args():
     for flag, cell in table.items():
         key = flag[2:].replace("-", "_")
         value = defaults[key]
+        if key == "cache_dir":  # the tests keep theirs in a temporary $XDG_CACHE_HOME
+            assert value == os.path.join(os.environ["XDG_CACHE_HOME"], "vae_pokemon"), value
+            value = "~/.cache/vae_pokemon"
         if value is None:  # filled in by the device: the GPU's constant, then the CPU's
             gpu, cpu = getattr(train_vae, key.upper()), getattr(train_vae, "CPU_" + key.upper())
             assert cell == f"{gpu} with a CUDA GPU, {cpu} without", flag

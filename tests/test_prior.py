@@ -149,12 +149,14 @@ def test_the_prior_learns_the_codes_of_the_training_images_and_their_mirrors(mon
     tilted frames and grey backgrounds. Every image and its mirror, each exactly once."""
     torch.manual_seed(0)
     model = VAE(16, 4, (8, 8, 8)).eval()
-    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    cache = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
+    rows = torch.tensor([6, 0, 3, 2, 5])  # the training images among them
+    images = cache[rows]
     seen = []
     monkeypatch.setattr(train_vae, "fit_prior", lambda mus, *rest: seen.append(mus) or "prior")
     args = train_vae.parse_args(["--prior-guide-steps", "0"])
     args.use_amp = False  # set by settings(), which train() calls first
-    assert train_vae.train_prior(model, images, args, torch.device("cpu"), stop=[]) == ("prior", None)
+    assert train_vae.train_prior(model, cache, rows, args, torch.device("cpu"), stop=[]) == ("prior", None)
     with torch.no_grad():
         expected = [model.encode(train_vae.to_model_range(x))[0] for x in (images, images.flip(-1))]
     codes = seen[0].flatten(1)
@@ -363,11 +365,11 @@ def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
     assert float(rows[-2].split("|")[6]) > 0 and rows[-1].split("|")[6].strip() == ""
 
     # Another --draw-seed draws other samples from every prior, against the same real images;
-    # --low-temperature 0 leaves that row out.
+    # --low-temperature 0 leaves that row out, and --only draws only the priors it names.
     again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
                             "--model", str(trained["model"]), "--data", image_folder, "--samples", "16",
                             "--val-fraction", "0.3", "--sample-steps", "3", "--draw-seed", "1",
-                            "--low-temperature", "0"],
+                            "--low-temperature", "0", "--only", "learned prior"],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
 
@@ -375,9 +377,10 @@ def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
         return row.split("|")[2:6]
 
     rows_again = [line for line in again.stdout.splitlines() if line.startswith("| ") and "distance" not in line]
-    assert [row.split("|")[1].strip() for row in rows_again] == names[:-1]  # 0: no low-temperature row
+    kept = [name for name in names[:-1] if name.startswith("real") or "learned prior" in name]
+    assert [row.split("|")[1].strip() for row in rows_again] == kept == names[:2] + names[5:7]
     assert [distances(row) for row in rows_again[:2]] == [distances(row) for row in rows[:2]]
-    assert all(distances(a) != distances(b) for a, b in zip(rows_again[2:], rows[2:]))
+    assert all(distances(a) != distances(b) for a, b in zip(rows_again[2:], rows[5:7]))
 
 
 def test_bench_samples_names_a_missing_model(image_folder, tmp_path):
@@ -398,4 +401,4 @@ def test_a_prior_whose_loss_is_not_finite_ends_in_a_clear_message(monkeypatch):
     args.use_amp = False
     images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
     with pytest.raises(train_vae.UserError, match=r"loss became nan; lower --prior-lr \(now 0.5\)"):
-        train_vae.train_prior(VAE(16, 2, (8, 8, 8)).eval(), images, args, torch.device("cpu"), stop=[])
+        train_vae.train_prior(VAE(16, 2, (8, 8, 8)).eval(), images, torch.arange(3), args, torch.device("cpu"), stop=[])

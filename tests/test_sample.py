@@ -82,7 +82,7 @@ def test_interpolation_decodes_the_straight_line_between_the_latent_means(traine
                         "--steps", 5, "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     model = load_vae(trained["model"])
-    xa, xb = (sample_vae.load_image(path, 32) for path in (a, b))
+    xa, xb = (sample_vae.load_image(path, model) for path in (a, b))
     with torch.no_grad():
         mu_a, mu_b = model.encode(xa)[0], model.encode(xb)[0]
         expected = model.decode(torch.cat([(1 - t) * mu_a + t * mu_b for t in (0, 0.25, 0.5, 0.75, 1)]))

@@ -174,37 +174,44 @@ class Recorder(torch.nn.Module):
 def test_an_epoch_indexes_every_training_image_once_in_the_seeded_order():
     """The images stay where place_images put them (on the CPU here; on a GPU the same
     indexing runs there) and every batch is an index into them, in the seeded order."""
-    images = torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1).expand(7, 3, 4, 4).contiguous()
-    assert train_vae.place_images(images, torch.device("cpu")) is images
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 4, 4).contiguous()
+    index = torch.tensor([9, 2, 7, 0, 4, 5, 1])  # the training images among them
+    placed, placed_index = train_vae.place_images(images, index, torch.device("cpu"))
+    assert placed is images and placed_index is index
     model, args = Recorder(), train_vae.parse_args(["--batch-size", "3"])
     args.epochs, args.use_amp = 1, False
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    train_vae.train_one_epoch(model, images, lambda batch: batch, optimizer, scheduler,
+    train_vae.train_one_epoch(model, images, index, lambda batch: batch, optimizer, scheduler,
                               torch.Generator().manual_seed(5), args, torch.device("cpu"), 1)
     seen = [batch[:, 0, 0, 0].add(1).mul(127.5).round().long().tolist() for batch in model.batches]
-    assert seen == [pick.tolist() for pick in torch.randperm(7, generator=torch.Generator().manual_seed(5)).split(3)]
+    order = torch.randperm(7, generator=torch.Generator().manual_seed(5))
+    assert seen == [index[pick].tolist() for pick in order.split(3)]
 
 
 class FakeImages:
-    """Just enough of a uint8 tensor of 100 MB for place_images, without a GPU."""
+    """Just enough of 100 uint8 images of 1 MB each for place_images, without a GPU."""
 
-    def numel(self):
-        return 100_000_000
-
-    def element_size(self):
-        return 1
+    def __getitem__(self, rows):
+        return self if isinstance(rows, torch.Tensor) else torch.zeros(1_000_000, dtype=torch.uint8)
 
     def to(self, device):
-        return ("on", str(device))
+        return f"a chunk on {device}"
 
 
-@pytest.mark.parametrize("free_gb, moved", [(1.0, True), (0.39, False)])
+@pytest.mark.parametrize("free_gb, moved", [(0.4, True), (0.39, False)])
 def test_the_training_images_go_to_the_gpu_where_they_fit_in_its_share_of_free_memory(monkeypatch, free_gb, moved):
+    images, rows = FakeImages(), torch.arange(1000)[:100]
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gb * 1e9, 80e9))
-    images = FakeImages()
-    placed = train_vae.place_images(images, torch.device("cuda"))
-    assert train_vae.GPU_DATA_SHARE == 0.25 and placed == (("on", "cuda") if moved else images)
+    monkeypatch.setattr(torch, "cat", lambda chunks: chunks)
+    monkeypatch.setattr(torch, "arange", lambda n, device: (n, str(device)))
+    placed = train_vae.place_images(images, rows, torch.device("cuda"))
+    assert train_vae.GPU_DATA_SHARE == 0.25
+    if moved:  # in chunks of 256 images, renumbered there
+        assert placed == (["a chunk on cuda"], (100, "cuda"))
+    else:
+        assert placed[0] is images and placed[1] is rows
+    assert train_vae.place_images(images, rows, torch.device("cpu"))[0] is images
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, image_folder, monkeypatch):
@@ -329,7 +336,7 @@ def test_a_folder_loads_every_image_whatever_the_names(tmp_path):
         blob_image(i).save(tmp_path / "data" / name)
     (tmp_path / "data" / ".DS_Store").write_bytes(b"\0\1")  # a hidden file is not an image to count
     folder = str(tmp_path / "data")
-    images = train_vae.load_images(train_vae.image_files(folder), 32, folder)
+    images = train_vae.cached_images(train_vae.image_files(folder), 32, "pad", folder, str(tmp_path / "cache"))
     assert images.shape == (len(names), 3, 32, 32) and images.dtype == torch.uint8
     result = run_script("train_vae.py", "--data", folder, "--epochs", 1, "--image-size", 32, "--prior-steps", 0,
                         "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
@@ -337,7 +344,7 @@ def test_a_folder_loads_every_image_whatever_the_names(tmp_path):
     assert "11 training and 1 validation images" in result.stdout and "skipped" not in result.stdout
 
 
-def test_a_table_with_the_hub_data_sets_schema_loads_through_the_hub_path(tmp_path, monkeypatch):
+def test_a_table_with_the_hub_data_sets_schema_loads_through_the_hub_path(tmp_path, monkeypatch, capsys):
     """svjack/pokemon-blip-captions-en-zh is a table of encoded image bytes next to text columns.
     A copy of that schema, saved locally, goes through the very code that reads the Hub's."""
     import datasets
@@ -365,7 +372,8 @@ def test_a_table_with_the_hub_data_sets_schema_loads_through_the_hub_path(tmp_pa
     monkeypatch.setattr(train_vae.datasets, "load_dataset", from_the_local_copy)
     files = train_vae.image_files(train_vae.DATASET)
     assert asked == [(train_vae.DATASET, "train")]
-    images = train_vae.load_images(files, 32, train_vae.DATASET)
+    images = train_vae.cached_images(files, 32, "pad", train_vae.DATASET, str(tmp_path / "cache"))
+    assert "skipped 1 file(s)" in capsys.readouterr().out  # the Hub's images go through the same cache
     expected = torch.stack([pil_to_tensor(train_vae.to_square(picture, 32)) for picture in pictures])
     assert torch.equal(images, expected)
 
