@@ -142,6 +142,7 @@ def cached_images(files, size, fit, source, cache_dir):
         images = np.load(path, mmap_mode="c")
         assert images.shape[1:] == (3, size, size)
     except (OSError, ValueError, EOFError, AssertionError):  # none yet, or cut short: build it
+        print(f"decoding {len(files)} files once, at {size} px ({fit}), into the cache {path}")
         images = build_cache(files, size, fit, path)
     skipped = len(files) - len(images)
     print(f"{len(images)} images at {size} px ({fit}) cached in {path}"

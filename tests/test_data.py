@@ -36,12 +36,14 @@ def test_the_cache_is_built_once_and_holds_the_pixels_decoded_directly(tmp_path,
     folder = make_folder(tmp_path / "images", count=5, size=(48, 30))
     first = cached(folder, tmp_path / "cache", fit=fit)
     assert len(decodes) == 5
+    [name] = os.listdir(tmp_path / "cache")
+    said = capsys.readouterr().out
+    assert said.startswith(f"decoding 5 files once, at 32 px ({fit}), into the cache {tmp_path / 'cache' / name}\n")
     second = cached(folder, tmp_path / "cache", fit=fit)
     assert len(decodes) == 5  # the second run decodes nothing
+    assert capsys.readouterr().out == f"5 images at 32 px ({fit}) cached in {tmp_path / 'cache' / name}\n"
     direct = decoded(folder, fit=fit)
     assert torch.equal(first, direct) and torch.equal(second, direct)
-    [name] = os.listdir(tmp_path / "cache")
-    assert f"5 images at 32 px ({fit}) cached in {tmp_path / 'cache' / name}" in capsys.readouterr().out
 
 
 def test_a_changed_folder_is_noticed_and_its_cache_rebuilt(tmp_path, decodes):
