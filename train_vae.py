@@ -140,8 +140,7 @@ def cached_images(files, size, fit, source, cache_dir):
     path = os.path.join(os.path.expanduser(cache_dir), f"{name}-{size}px-{fit}-{key.hexdigest()[:16]}.npy")
     try:  # copy-on-write: writable as torch wants, never written
         images = np.load(path, mmap_mode="c")
-        assert images.shape[1:] == (3, size, size)
-    except (OSError, ValueError, EOFError, AssertionError):  # none yet, or cut short: build it
+    except (OSError, ValueError, EOFError):  # none yet, or cut short (numpy checks the size): build it
         print(f"decoding {len(files)} files once, at {size} px ({fit}), into the cache {path}")
         images = build_cache(files, size, fit, path)
     skipped = len(files) - len(images)
@@ -551,9 +550,9 @@ def parse_args(argv=None):
     by_device = "default {} with a CUDA GPU, {} without".format
     p.add_argument("--data", default=DATASET, help="Hub data set name or local image folder")
     p.add_argument("--epochs", type=positive_int, help=by_device(EPOCHS, CPU_EPOCHS))
-    p.add_argument("--fit", choices=["pad", "crop"], default=FIT, help="pad with white (artwork) or crop (photos)")
     p.add_argument("--image-size", type=checked(int, lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 (the "
                    "encoder halves the image three times)"), help="px; " + by_device(IMAGE_SIZE, CPU_IMAGE_SIZE))
+    p.add_argument("--fit", choices=["pad", "crop"], default=FIT, help="pad with white (artwork) or crop (photos)")
     p.add_argument("--batch-size", type=positive_int, help=by_device(BATCH_SIZE, CPU_BATCH_SIZE))
     p.add_argument("--lr", type=positive_float, default=LEARNING_RATE, help="peak learning rate")
     p.add_argument("--warmup", type=fraction, default=WARMUP, help="share of the steps spent warming up")

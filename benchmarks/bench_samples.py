@@ -205,7 +205,7 @@ def main():
     p.add_argument("--guidance-interval", nargs=2, type=float, default=sample_vae.GUIDANCE_INTERVAL)
     p.add_argument("--temperature", type=float, default=sample_vae.TEMPERATURE, help="of the chosen row")
     p.add_argument("--low-temperature", type=float, default=LOW_TEMPERATURE,
-                   help="of the learned prior's alternative row; 0 leaves that row out (it costs as much as the chosen)")
+                   help="of the learned prior's alternative row; 0 leaves it out (it costs as much as the chosen)")
     p.add_argument("--grids", metavar="FOLDER", help="also save 16 samples of every row here")
     p.add_argument("--only", metavar="TEXT", default="",
                    help="draw only the priors whose row name holds TEXT, like '(chosen)' (the real rows always)")

@@ -63,31 +63,31 @@ def train_for(seconds, images, size, batch_size, device, log):
     from vae_model import VAE
     args = train_vae.parse_args(["--image-size", str(size), "--batch-size", str(batch_size)])
     args.epochs, args.use_amp = train_vae.EPOCHS, train_vae.bf16_is_fast(device)
-    train_index, val_index = train_vae.split(len(images), args.val_fraction, args.seed)
-    val_images = images[val_index].to(device)
-    images, train_index = train_vae.place_images(images, train_index, device)
-    log(f"{size} px: {len(train_index)} training images "
+    train_rows, val_rows = train_vae.split(len(images), args.val_fraction, args.seed)
+    val_images = images[val_rows].to(device)
+    images, train_rows = train_vae.place_images(images, train_rows, device)
+    log(f"{size} px: {len(train_rows)} training images "
         f"{'on the GPU' if images.device.type == 'cuda' else 'in host memory'}, batch {batch_size}, "
         f"bfloat16 autocast {'on' if args.use_amp else 'off'}")
     model = VAE(size, args.latent_channels, args.channels).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps = args.epochs * -(-len(train_index) // batch_size)
+    steps = args.epochs * -(-len(train_rows) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, steps, pct_start=args.warmup)
     augment, shuffle = train_vae.make_augment(args.rotation), torch.Generator().manual_seed(args.seed)
     started, timed, counted, epoch = time.perf_counter(), 0.0, 0, 0
     while epoch < 2 or time.perf_counter() - started < seconds:
         epoch += 1
         tick = time.perf_counter()
-        mse, kl = train_vae.train_one_epoch(model, images, train_index, augment, optimizer, scheduler, shuffle,
+        mse, kl = train_vae.train_one_epoch(model, images, train_rows, augment, optimizer, scheduler, shuffle,
                                             args, device, epoch)  # .tolist() at its end waits for the GPU
         if epoch > 1:
-            timed, counted = timed + time.perf_counter() - tick, counted + len(train_index)
+            timed, counted = timed + time.perf_counter() - tick, counted + len(train_rows)
     tick = time.perf_counter()
     val = train_vae.evaluate(model, val_images, device, args.kl_weight)
     evaluate_s = time.perf_counter() - tick
     log(f"{size} px: {epoch} epochs in {time.perf_counter() - started:.0f} s, {counted / timed:.1f} images/s "
         f"after the first; train mse {mse:.0f}, val PSNR {val['val_psnr']:.2f} dB")
-    return model, images[train_index], counted / timed, evaluate_s
+    return model, images[train_rows], counted / timed, evaluate_s
 
 
 def time_prior(codes, width, steps, use_amp):
@@ -168,7 +168,8 @@ def measure(args, log):
     log(f"| learned prior steps/s (its guide), batch 32 | {results['prior_steps_per_s']:.2f} "
         f"({results['guide_steps_per_s']:.2f}) |")
     log(f"| projected full default run ({train_vae.EPOCHS} epochs of {n_train} images, then "
-        f"{train_vae.PRIOR_STEPS} + {train_vae.PRIOR_GUIDE_STEPS} prior steps) | {results['projected_total_min']:.0f} min "
+        f"{train_vae.PRIOR_STEPS} + {train_vae.PRIOR_GUIDE_STEPS} prior steps) | "
+        f"{results['projected_total_min']:.0f} min "
         f"(VAE {results['projected_vae_min']:.0f}, prior {results['projected_prior_min']:.0f}) |")
     return results
 

@@ -207,7 +207,7 @@ def test_the_training_images_go_to_the_gpu_where_they_fit_in_its_share_of_free_m
     monkeypatch.setattr(torch, "arange", lambda n, device: (n, str(device)))
     placed = train_vae.place_images(images, rows, torch.device("cuda"))
     assert train_vae.GPU_DATA_SHARE == 0.25
-    if moved:  # in chunks of 256 images, renumbered there
+    if moved:  # copied there, and renumbered
         assert placed == (["a chunk on cuda"], (100, "cuda"))
     else:
         assert placed[0] is images and placed[1] is rows
