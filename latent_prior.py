@@ -66,21 +66,36 @@ def levels_for(side):
 
 
 class Level(nn.Module):
-    """One resolution of the U-Net below the top one: two blocks, then down a level; on the
-    way back up, the skip of this level's features joins the two blocks going up."""
+    """One resolution of the U-Net: two blocks, then down to the level below; on the way back
+    up, the skip of this level's features joins the two blocks going up."""
 
-    def __init__(self, channels, time_dim):
+    def __init__(self, down, downsample, upsample, up):
         super().__init__()
-        self.down = nn.ModuleList([DenoiserBlock(channels, channels, time_dim) for _ in range(2)])
-        self.downsample = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-        self.upsample = nn.Conv2d(channels, channels, 3, padding=1)
-        self.up = nn.ModuleList([DenoiserBlock(2 * channels, channels, time_dim),
-                                 DenoiserBlock(channels, channels, time_dim)])
+        self.down, self.downsample, self.upsample, self.up = down, downsample, upsample, up
+
+    def descend(self, h, e):
+        """(what goes down to the level below, the skip this level keeps for the way up)"""
+        for block in self.down:
+            h = block(h, e)
+        return self.downsample(h), h
+
+    def ascend(self, h, skip, e):
+        # Back to the skip's size, not simply 2x: an odd side (40 px images) halves unevenly.
+        h = self.upsample(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
+        h = torch.cat([h, skip], dim=1)
+        for block in self.up:
+            h = block(h, e)
+        return h
 
 
-def up_to(h, skip, conv):
-    # Back to the skip's size, not simply 2x: an odd side (40 px images) halves unevenly.
-    return conv(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
+def make_level(channels, below, time_dim):
+    """A Level of `channels` above one of `below` channels."""
+    down = nn.ModuleList([DenoiserBlock(channels, channels, time_dim) for _ in range(2)])
+    downsample = nn.Conv2d(channels, below, 3, stride=2, padding=1)
+    upsample = nn.Conv2d(below, channels, 3, padding=1)
+    up = nn.ModuleList([DenoiserBlock(2 * channels, channels, time_dim),
+                        DenoiserBlock(channels, channels, time_dim)])
+    return Level(down, downsample, upsample, up)
 
 
 class LatentPrior(nn.Module):
@@ -97,19 +112,27 @@ class LatentPrior(nn.Module):
         self.config = dict(latent_channels=latent_channels, width=width, levels=levels)
         # The codes are standardised per channel, so that noise of std 1 drowns them fully.
         shape = (1, latent_channels, 1, 1)
-        self.register_buffer("latent_mean", torch.zeros(shape) if latent_mean is None else latent_mean.view(shape))
-        self.register_buffer("latent_std", torch.ones(shape) if latent_std is None else latent_std.view(shape))
+        mean = torch.zeros(shape) if latent_mean is None else latent_mean.view(shape)
+        std = torch.ones(shape) if latent_std is None else latent_std.view(shape)
+        self.register_buffer("latent_mean", mean)
+        self.register_buffer("latent_std", std)
         w, t = width, 4 * width
         self.time = nn.Sequential(nn.Linear(w, t), nn.SiLU(), nn.Linear(t, t))
         self.inp = nn.Conv2d(latent_channels, w, 3, padding=1)
-        self.down = nn.ModuleList([DenoiserBlock(w, w, t), DenoiserBlock(w, w, t)])       # h x w
+        # The top level (h x w) is built here, part by part, under the names that checkpoints
+        # have held since before the U-Net could grow; the inner levels (h/2, h/4, ...; none
+        # at 16 x 16) in `inner`. Built in this order, the same seed gives the same weights.
+        self.down = nn.ModuleList([DenoiserBlock(w, w, t), DenoiserBlock(w, w, t)])
         self.downsample = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
-        self.inner = nn.ModuleList([Level(2 * w, t) for _ in range(levels - 2)])  # h/2, h/4, ... (none at 16 x 16)
-        self.middle = nn.ModuleList([DenoiserBlock(2 * w, 2 * w, t), DenoiserBlock(2 * w, 2 * w, t)])  # lowest
+        self.inner = nn.ModuleList([make_level(2 * w, 2 * w, t) for _ in range(levels - 2)])
+        self.middle = nn.ModuleList([DenoiserBlock(2 * w, 2 * w, t) for _ in range(2)])
         self.attention = Attention(2 * w)
         self.upsample = nn.Conv2d(2 * w, w, 3, padding=1)
-        self.up = nn.ModuleList([DenoiserBlock(2 * w, w, t), DenoiserBlock(w, w, t)])     # h x w again
+        self.up = nn.ModuleList([DenoiserBlock(2 * w, w, t), DenoiserBlock(w, w, t)])
         self.out = nn.Sequential(norm(w), nn.SiLU(), nn.Conv2d(w, latent_channels, 3, padding=1))
+        # Every level, top first: a plain list, so its parts are not registered a second time.
+        top = Level(self.down, self.downsample, self.upsample, self.up)
+        self.levels = [top, *self.inner]
 
     def embed_time(self, t):
         # Sinusoids of many frequencies, as for the positions of a transformer.
@@ -121,23 +144,16 @@ class LatentPrior(nn.Module):
     def forward(self, z_t, t):
         e = self.embed_time(t)
         h = self.inp(z_t)
-        for block in self.down:
-            h = block(h, e)
-        skips = [h]
-        h = self.downsample(h)
-        for level in self.inner:
-            for block in level.down:
-                h = block(h, e)
-            skips.append(h)
-            h = level.downsample(h)
-        for block in self.middle:
+        skips = []
+        for level in self.levels:  # down
+            h, skip = level.descend(h, e)
+            skips.append(skip)
+        for block in self.middle:  # the lowest resolution, where attention sees the whole figure
             h = block(h, e)
         h = self.attention(h)
-        for level in reversed(self.inner):  # each skip brings back the detail of its level
-            skip = skips.pop()
-            h = level.up[1](level.up[0](torch.cat([up_to(h, skip, level.upsample), skip], dim=1), e), e)
-        h = self.up[0](torch.cat([up_to(h, skips[0], self.upsample), skips[0]], dim=1), e)
-        return self.out(self.up[1](h, e))
+        for level in reversed(self.levels):  # up: each skip brings back its level's detail
+            h = level.ascend(h, skips.pop(), e)
+        return self.out(h)
 
 
 # --- Noise schedule and loss ------------------------------------------------------------------
@@ -228,6 +244,11 @@ def load_prior(path, map_location="cpu"):
     """(prior, guide): the learned prior and its guide stored next to the VAE in `path`, each
     None where the checkpoint holds none (trained with --prior-steps 0, or by an older version)."""
     checkpoint = load_checkpoint(path, map_location)
-    return tuple(None if checkpoint.get(name) is None else
-                 rebuild(LatentPrior, checkpoint[name], path, f"a {name} that does not").to(map_location)
-                 for name in ("prior", "guide"))
+    parts = []
+    for name in ("prior", "guide"):
+        if checkpoint.get(name) is None:
+            parts.append(None)
+            continue
+        mismatch = f"{path} holds a {name} that does not fit its own config"
+        parts.append(rebuild(LatentPrior, checkpoint[name], mismatch).to(map_location))
+    return tuple(parts)

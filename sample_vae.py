@@ -20,27 +20,28 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 from PIL import Image
-from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import make_grid
 
-from train_vae import (CACHE_DIR, UserError, cached_images, check_writable, checked, image_files, open_rgb, pick_device,
-                       positive_int, save_png, to_model_range, to_square)
+from cli import (UserError, check_writable, checked, pick_device, positive_float, positive_int,
+                 run_main)
+from image_data import (DEFAULT_CACHE_DIR, cached_images, image_files, save_png, square_pixels,
+                        to_model_range)
 from latent_prior import load_prior, sample_prior
 from vae_model import CheckpointError, atomic_write, load_vae, psnr, vae_loss
 
 # -----------------------------------------------------------------------------------------------
-MODEL_PATH = "vae_model.pth"                      # checkpoint written by train_vae.py
-IMAGE_PATH = "pokemon_sample_test.png"            # image to reconstruct
+MODEL_PATH = "vae_model.pth"                 # checkpoint written by train_vae.py
+IMAGE_PATH = "pokemon_sample_test.png"       # image to reconstruct
 OUTPUT_PATH = "vae_results/sample_reconstruction.png"  # figure of the default mode
-GENERATED_PATH = "vae_results/generated.png"      # grid of --generate
-INTERPOLATION_PATH = "vae_results/interpolation.png"  # strip of --interpolate (GIF beside it)
-LATENT_MAP_PATH = "vae_results/latent_map.png"    # figure of --latent-map
-STEPS = 10                                        # points on the line of --interpolate
-SAMPLE_STEPS = 200                                # denoising steps of the learned prior
-GUIDANCE = 1.5                                    # autoguidance of the learned prior by its guide; 1: off
-GUIDANCE_INTERVAL = (0.2, 0.7)                    # noise levels t (1: pure noise) where autoguidance acts
-TEMPERATURE = 1.0                                 # spread of the prior's noise: below 1, flatter, paler samples
-SEED = 0                                          # seeds the latents drawn by --generate
+GENERATED_PATH = "vae_results/generated.png"           # grid of --generate
+INTERPOLATION_PATH = "vae_results/interpolation.png"   # strip of --interpolate (GIF beside it)
+LATENT_MAP_PATH = "vae_results/latent_map.png"         # figure of --latent-map
+STEPS = 10                      # points on the line of --interpolate
+SAMPLE_STEPS = 200              # denoising steps of the learned prior
+GUIDANCE = 1.5                  # autoguidance of the learned prior by its guide; 1: off
+GUIDANCE_INTERVAL = (0.2, 0.7)  # noise levels t (1: pure noise) where autoguidance acts
+TEMPERATURE = 1.0               # spread of the prior's noise: below 1, flatter, paler samples
+SEED = 0                        # seeds the latents drawn by --generate
 # -----------------------------------------------------------------------------------------------
 
 
@@ -51,24 +52,29 @@ def load_model(path, device, loader=load_vae):
         raise UserError(f"there is no trained model at {path}; run `python train_vae.py` first "
                         "or pass --model with the path of one") from None
     except CheckpointError as error:
-        raise UserError(f"{error}; pass --model with a checkpoint written by train_vae.py") from error
+        message = f"{error}; pass --model with a checkpoint written by train_vae.py"
+        raise UserError(message) from error
 
 
 def load_image(path, model, flag="--image"):
-    """One image as a (1, 3, size, size) tensor in [-1, 1], prepared exactly as the model's training images."""
+    """One image as a (1, 3, size, size) tensor in [-1, 1], prepared as the training images."""
     if not os.path.isfile(path):
         raise UserError(f"the image {path} does not exist; pass {flag} with the path of an image")
     try:
-        image = to_square(open_rgb(path), model.image_size, model.fit)
+        pixels = square_pixels(path, model.image_size, model.fit)
     except Exception as error:  # PIL raises several types for broken files
-        raise UserError(f"{path} is not a readable image ({type(error).__name__}); pass a PNG or JPEG file") from error
-    return to_model_range(pil_to_tensor(image).unsqueeze(0))
+        raise UserError(f"{path} is not a readable image ({type(error).__name__}); "
+                        "pass a PNG or JPEG file") from error
+    return to_model_range(pixels.unsqueeze(0))
 
 
 def load_folder(folder, model, flag):
     if not os.path.isdir(folder):
-        raise UserError(f"the folder {folder} does not exist; pass {flag} with an existing folder of images")
-    return to_model_range(cached_images(image_files(folder, flag), model.image_size, model.fit, folder, CACHE_DIR))
+        raise UserError(f"the folder {folder} does not exist; pass {flag} with an existing "
+                        "folder of images")
+    files = image_files(folder, flag)
+    images = cached_images(files, model.image_size, model.fit, folder, DEFAULT_CACHE_DIR)
+    return to_model_range(images)
 
 
 @torch.no_grad()
@@ -115,8 +121,9 @@ def reconstruct(model, args, device, show):
     grid = fig.add_gridspec(rows, 2 * rows + cols)
     panels = [(grid[:, :rows], to_picture(x[0]), "original", None),
               (grid[:, rows:2 * rows], to_picture(recon[0]), "reconstruction", None)]
-    panels += [(grid[c // cols, 2 * rows + c % cols], mu[0, c].cpu().numpy(), f"latent {c}", "viridis")
-               for c in range(channels)]
+    for c in range(channels):
+        cell = grid[c // cols, 2 * rows + c % cols]
+        panels.append((cell, mu[0, c].cpu().numpy(), f"latent {c}", "viridis"))
     for cell, picture, title, cmap in panels:
         axis = fig.add_subplot(cell)
         axis.imshow(picture, cmap=cmap)
@@ -136,7 +143,8 @@ def fit_data_prior(model, images):
 
 
 def draw_latents(n, mean, std, seed):
-    eps = torch.randn((n,) + tuple(mean.shape), generator=torch.Generator().manual_seed(seed)).to(mean.device)
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.randn((n,) + tuple(mean.shape), generator=generator).to(mean.device)
     return mean + std * eps
 
 
@@ -149,14 +157,14 @@ def pick_prior(args, device):
     prior, guide = load_model(args.model, device, loader=load_prior)
     if prior is not None:
         if guide is None and args.guidance != 1:
-            print(f"note: {args.model} holds no guide for its prior (trained with --prior-guide-steps 0 or by "
-                  "an older version); sampling without autoguidance")
+            print(f"note: {args.model} holds no guide for its prior (trained with "
+                  "--prior-guide-steps 0 or by an older version); sampling without autoguidance")
         return "learned", prior, guide
     if args.prior == "learned":
-        raise UserError(f"{args.model} holds no learned prior; train one with `python train_vae.py` "
-                        "(its stage two) or pass --prior normal or --prior data")
-    print(f"note: {args.model} holds no learned prior (trained with --prior-steps 0 or by an older version); "
-          "sampling from N(0, I) instead")
+        raise UserError(f"{args.model} holds no learned prior; train one with "
+                        "`python train_vae.py` (its stage two) or pass --prior normal or --prior data")
+    print(f"note: {args.model} holds no learned prior (trained with --prior-steps 0 or by an "
+          "older version); sampling from N(0, I) instead")
     return "normal", None, None
 
 
@@ -174,9 +182,12 @@ def generate(model, args, device, show):
     z = draw_latents(args.generate, mean, std * args.temperature, args.seed)
     if prior is not None:  # the learned prior turns that noise into a latent, step by step
         z = sample_prior(prior, z, args.sample_steps, guide, args.guidance, args.guidance_interval)
-    guided = guide is not None and args.guidance != 1
-    print(f"{args.generate} samples from the {name} prior" + (f", autoguidance {args.guidance:g}" if guided else "")
-          + (f", temperature {args.temperature:g}" if args.temperature != 1 else ""))
+    line = f"{args.generate} samples from the {name} prior"
+    if guide is not None and args.guidance != 1:
+        line += f", autoguidance {args.guidance:g}"
+    if args.temperature != 1:
+        line += f", temperature {args.temperature:g}"
+    print(line)
     save_grid(model.decode(z), args.out, min(8, args.generate), show)
 
 
@@ -192,11 +203,14 @@ def interpolation(model, a, b, steps):
 def interpolate(model, args, device, show):
     a, b = (load_image(path, model, "--interpolate").to(device) for path in args.interpolate)
     frames = interpolation(model, a, b, args.steps)
-    pictures = [Image.fromarray((to_picture(frame) * 255).round().astype("uint8")) for frame in frames]
+    pictures = [Image.fromarray((to_picture(f) * 255).round().astype("uint8")) for f in frames]
     pictures += pictures[-2:0:-1]  # there and back, so that the GIF loops without a jump
     gif = os.path.splitext(args.out)[0] + ".gif"
-    atomic_write(gif, lambda tmp: pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:],
-                                                   duration=120, loop=0))
+
+    def write(tmp):
+        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:],
+                         duration=120, loop=0)
+    atomic_write(gif, write)
     print(f"saved {gif}")
     save_grid(frames, args.out, args.steps, show)
 
@@ -210,7 +224,8 @@ def latent_positions(mus):
     flat = mus.flatten(1).cpu().double()
     centred = flat - flat.mean(0)
     v = torch.linalg.svd(centred, full_matrices=False).Vh[:2].T
-    return (centred @ (v * torch.sign(v[v.abs().argmax(0), torch.arange(2)]))).float()
+    largest = v[v.abs().argmax(0), torch.arange(2)]  # each axis's largest loading
+    return (centred @ (v * torch.sign(largest))).float()
 
 
 def latent_map(model, args, device, show):
@@ -220,84 +235,105 @@ def latent_map(model, args, device, show):
     axis.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0)  # sets the axis limits
     zoom = 24 / model.image_size * max(1.0, 20 / len(images) ** 0.5)
     for (x, y), image in zip(xy, images):
-        axis.add_artist(AnnotationBbox(OffsetImage(to_picture(image), zoom=zoom), (x, y), frameon=False))
-    axis.set(title=f"{len(images)} images placed by the first two principal components of their latent means",
-             xlabel="PC 1", ylabel="PC 2")
+        thumbnail = OffsetImage(to_picture(image), zoom=zoom)
+        axis.add_artist(AnnotationBbox(thumbnail, (x, y), frameon=False))
+    title = f"{len(images)} images placed by the first two principal components of their latent means"
+    axis.set(title=title, xlabel="PC 1", ylabel="PC 2")
     show_or_save(fig, args.out, show)
 
 
 # --- Command line ---------------------------------------------------------------------------
 
+# A flag that only some modes use, and the mode that needs it: given to another mode, it is an
+# error, not ignored, since the user expects it to act.
+MODE_OF = {"prior": "--generate N", "sample_steps": "--generate N", "guidance": "--generate N",
+           "guidance_interval": "--generate N", "temperature": "--generate N",
+           "steps": "--interpolate A B"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Reconstruct, generate and explore with a trained VAE.")
-    p.add_argument("--model", default=MODEL_PATH, help="checkpoint written by train_vae.py")
-    p.add_argument("--image", default=IMAGE_PATH, help="image to reconstruct (default mode)")
-    p.add_argument("--out", help="where to save the figure (default: per mode, in vae_results/)")
-    p.add_argument("--no-show", action="store_true", help="only save, never open a window")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    add = p.add_argument
+    add("--model", default=MODEL_PATH, help="checkpoint written by train_vae.py")
+    add("--image", default=IMAGE_PATH, help="image to reconstruct (default mode)")
+    add("--out", help="where to save the figure (default: per mode, in vae_results/)")
+    add("--no-show", action="store_true", help="only save, never open a window")
+    add("--device", default="auto", help="auto, cuda, mps or cpu")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--generate", type=positive_int, metavar="N", help="decode N latents from a prior")
-    mode.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="walk from image A to image B")
-    mode.add_argument("--latent-map", metavar="FOLDER", help="map a folder's images in latent space")
-    p.add_argument("--prior", choices=["learned", "normal", "data"], help="--generate from the learned prior "
-                   "stored with the model (the default), from N(0, I), or from a Gaussian fitted to --data")
-    p.add_argument("--sample-steps", type=positive_int, default=SAMPLE_STEPS,
-                   help="denoising steps of the learned prior")
-    p.add_argument("--guidance", type=checked(float, lambda v: v >= 1, "a number of at least 1 (1 turns it off)"),
-                   default=GUIDANCE, help="autoguidance of the learned prior by its smaller guide")
-    p.add_argument("--guidance-interval", nargs=2, metavar=("LO", "HI"), default=GUIDANCE_INTERVAL,
-                   type=checked(float, lambda v: 0 <= v <= 1, "a noise level from 0 to 1"),
-                   help="noise levels (1: pure noise) between which autoguidance acts")
-    p.add_argument("--temperature", type=checked(float, lambda v: v > 0, "a positive number"), default=TEMPERATURE,
-                   help="spread of the prior's noise; below 1: flatter, paler samples")
-    p.add_argument("--data", metavar="FOLDER", help="images to fit --prior data to")
-    p.add_argument("--steps", type=int, default=STEPS, help="points on the --interpolate line, at least 2")
-    p.add_argument("--seed", type=int, default=SEED)
+    mode.add_argument("--generate", type=positive_int, metavar="N",
+                      help="decode N latents from a prior")
+    mode.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
+                      help="walk from image A to image B")
+    mode.add_argument("--latent-map", metavar="FOLDER",
+                      help="map a folder's images in latent space")
+    add("--prior", choices=["learned", "normal", "data"],
+        help="--generate from the learned prior stored with the model (the default), from "
+             "N(0, I), or from a Gaussian fitted to --data")
+    add("--sample-steps", type=positive_int, default=SAMPLE_STEPS,
+        help="denoising steps of the learned prior")
+    add("--guidance", default=GUIDANCE,
+        type=checked(float, lambda v: v >= 1, "a number of at least 1 (1 turns it off)"),
+        help="autoguidance of the learned prior by its smaller guide")
+    add("--guidance-interval", nargs=2, metavar=("LO", "HI"), default=GUIDANCE_INTERVAL,
+        type=checked(float, lambda v: 0 <= v <= 1, "a noise level from 0 to 1"),
+        help="noise levels (1: pure noise) between which autoguidance acts")
+    add("--temperature", type=positive_float, default=TEMPERATURE,
+        help="spread of the prior's noise; below 1: flatter, paler samples")
+    add("--data", metavar="FOLDER", help="images to fit --prior data to")
+    add("--steps", type=int, default=STEPS, help="points on the --interpolate line, at least 2")
+    add("--seed", type=int, default=SEED)
     args = p.parse_args(argv)
     args.guidance_interval = tuple(args.guidance_interval)
+    check_mode_flags(p, args)
+    return args
+
+
+def check_mode_flags(p, args):
+    """p.error (exit status 2) for a value out of range or a flag the chosen mode would ignore."""
     if args.guidance_interval[0] > args.guidance_interval[1]:
-        p.error(f"argument --guidance-interval: LO must not exceed HI, got {args.guidance_interval}")
+        p.error("argument --guidance-interval: LO must not exceed HI, "
+                f"got {args.guidance_interval}")
     if args.steps < 2:
         p.error(f"argument --steps: needs at least 2 points (the two ends), got {args.steps}")
-    # A flag that the chosen mode would ignore is said, not ignored: the user expects it to act.
-    changed = {key for key in ("prior", "sample_steps", "guidance", "guidance_interval", "temperature", "steps")
-               if getattr(args, key) != p.get_default(key)}
-    generate, interpolate = (args.generate, "--generate N"), (args.interpolate, "--interpolate A B")
-    for key, (used, mode) in (("prior", generate), ("sample_steps", generate), ("guidance", generate),
-                              ("guidance_interval", generate), ("temperature", generate), ("steps", interpolate)):
-        if key in changed and not used:
-            p.error(f"argument --{key.replace('_', '-')}: only {mode.split()[0]} uses it; add {mode}")
-    for key in changed & {"sample_steps", "guidance", "guidance_interval"}:
-        if args.prior in ("normal", "data"):
-            p.error(f"argument --{key.replace('_', '-')}: only the learned prior uses it, not --prior {args.prior}")
+    changed = [key for key in MODE_OF if getattr(args, key) != p.get_default(key)]
+    used = {"--generate N": args.generate, "--interpolate A B": args.interpolate}
+    for key in changed:
+        if not used[MODE_OF[key]]:
+            p.error(f"argument {as_flag(key)}: only {MODE_OF[key].split()[0]} uses it; "
+                    f"add {MODE_OF[key]}")
+    learned_only = [key for key in ("sample_steps", "guidance", "guidance_interval")
+                    if key in changed]
+    if learned_only and args.prior in ("normal", "data"):
+        p.error(f"argument {as_flag(learned_only[0])}: only the learned prior uses it, not "
+                f"--prior {args.prior}")
     if args.prior == "data" and not args.data:
         p.error("argument --prior: data needs --data FOLDER, the images to fit it to")
     if args.data and args.prior != "data":
         p.error("argument --data: only --prior data uses it (the images it is fitted to); "
                 "add --prior data or drop --data")
-    return args
+
+
+def as_flag(key):
+    return "--" + key.replace("_", "-")
 
 
 def main():
     args = parse_args()
     # A window only where one can open; headless runs (servers, CI) just save the figure.
-    show = not args.no_show and (sys.platform in ("darwin", "win32")
-                                 or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")))
-    try:
+    display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    show = not args.no_show and (sys.platform in ("darwin", "win32") or bool(display))
+    modes = {"generate": generate, "interpolate": interpolate, "latent_map": latent_map}
+    mode = next((run for name, run in modes.items() if getattr(args, name)), reconstruct)
+    outputs = {reconstruct: OUTPUT_PATH, generate: GENERATED_PATH,
+               interpolate: INTERPOLATION_PATH, latent_map: LATENT_MAP_PATH}
+    args.out = args.out or outputs[mode]
+
+    def run():
         device = pick_device(args.device)
         model = load_model(args.model, device)
-        mode = generate if args.generate else interpolate if args.interpolate else (
-            latent_map if args.latent_map else reconstruct)
-        args.out = args.out or {reconstruct: OUTPUT_PATH, generate: GENERATED_PATH,
-                                interpolate: INTERPOLATION_PATH, latent_map: LATENT_MAP_PATH}[mode]
         check_writable(args.out, "--out")  # before the work, which may take a minute
         mode(model, args, device, show)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C: every save is atomic, so there is nothing to clean up
-        print("\ninterrupted; every file written so far is whole", file=sys.stderr)
-        sys.exit(130)
+    run_main(run)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ class Encoder(nn.Module):
 def upsample(in_channels, out_channels):
     # Nearest upsampling + conv rather than ConvTranspose2d: a stride-2 transposed conv
     # overlaps its kernels unevenly and paints a checkerboard on the image.
-    return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_channels, out_channels, 3, padding=1)]
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+    return [nn.Upsample(scale_factor=2, mode="nearest"), conv]
 
 
 class Decoder(nn.Module):
@@ -208,18 +209,20 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
-def rebuild(model_class, entry, path, what):
-    """model_class(**config) with the entry's weights, in eval mode."""
+def rebuild(model_class, entry, mismatch):
+    """model_class(**config) with the entry's weights, in eval mode. `mismatch` is the sentence
+    for a config or weights that do not fit; the error's first line is added to it."""
     try:
         model = model_class(**entry["config"])
         model.load_state_dict(entry["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # the config or the weights
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{path} holds {what} fit its own config ({first_line})") from error
+        raise CheckpointError(f"{mismatch} ({first_line})") from error
     return model.eval()
 
 
 def load_vae(path, map_location="cpu"):
     """Rebuild the trained VAE from `path`, on the device `map_location`."""
-    return rebuild(VAE, load_checkpoint(path, map_location), path, "weights that do not").to(map_location)
-
+    checkpoint = load_checkpoint(path, map_location)
+    mismatch = f"{path} holds weights that do not fit its own config"
+    return rebuild(VAE, checkpoint, mismatch).to(map_location)

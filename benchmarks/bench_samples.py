@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cli  # noqa: E402
+import image_data  # noqa: E402
 import sample_vae  # noqa: E402
 import train_vae  # noqa: E402
 from latent_prior import load_prior, sample_prior  # noqa: E402
@@ -214,12 +216,12 @@ def main():
         model = sample_vae.load_model(args.model, "cpu")
         prior, guide = sample_vae.load_model(args.model, "cpu", loader=load_prior)
         images = sample_vae.load_folder(args.data, model, "--data")
-    except train_vae.UserError as error:
+    except cli.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     if prior is not None:
         prior.seconds = torch.load(args.model, weights_only=True)["prior"].get("seconds", float("nan"))
-    train_rows, unseen_rows = train_vae.split(len(images), args.val_fraction, args.seed)
+    train_rows, unseen_rows = image_data.split(len(images), args.val_fraction, args.seed)
     train_images, unseen = images[train_rows], images[unseen_rows]
     print(f"{len(train_images)} training images, {len(unseen)} unseen; {args.samples} samples per row")
     layout, texture = LayoutFeatures(train_images), TextureFeatures(train_images)
@@ -246,7 +248,7 @@ def main():
         print(row(name, samples, "" if fit_s is None else f"{fit_s:.1f}", f"{time.perf_counter() - tick:.1f}"))
         if args.grids:
             slug = re.sub(r"[^a-z0-9]+", "_", name.split(" (")[0].lower()).strip("_")
-            train_vae.save_png(samples[:16], os.path.join(args.grids, f"prior_{slug}.png"))
+            image_data.save_png(samples[:16], os.path.join(args.grids, f"prior_{slug}.png"))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_vae import CPU_BATCH_SIZE, LATENT_CHANNELS, make_augment  # noqa: E402
+from image_data import make_augment  # noqa: E402
+from train_vae import CPU_BATCH_SIZE, LATENT_CHANNELS, ROTATION  # noqa: E402
 from vae_model import VAE, vae_loss  # noqa: E402
 
 
@@ -91,15 +92,15 @@ def main():
         ("ColorJitter(0.1, 0.1, 0.1, hue=0.02)", v2.ColorJitter(0.1, 0.1, 0.1, 0.02)),
     ]:
         print(f"| {name} | {augment_cost(args.image_size, transform):.2f} |")
-    print(f"| train_vae.make_augment(), one call per image | "
-          f"{augment_cost(args.image_size, make_augment()):.2f} |")
+    print(f"| image_data.make_augment(ROTATION), one call per image | "
+          f"{augment_cost(args.image_size, make_augment(ROTATION)):.2f} |")
     batch = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)
-    augment = make_augment()
+    augment = make_augment(ROTATION)
     augment(batch)
     tick = time.perf_counter()
     for _ in range(20):
         augment(batch)
-    print(f"| train_vae.make_augment(), one call per batch of {args.batch_size} (what training does) | "
+    print(f"| image_data.make_augment(ROTATION), one call per batch of {args.batch_size} (what training does) | "
           f"{(time.perf_counter() - tick) / (20 * args.batch_size) * 1000:.2f} |")
 
 

@@ -34,6 +34,8 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cli  # noqa: E402
+import image_data  # noqa: E402
 import train_vae  # noqa: E402
 from vae_model import VAE, CheckpointError, ResBlock, load_vae, psnr, vae_loss  # noqa: E402
 
@@ -81,7 +83,7 @@ class BaselineFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.transform(train_vae.open_rgb(self.paths[i]))
+        return self.transform(image_data.open_rgb(self.paths[i]))
 
 
 def baseline_transforms(size, augment):
@@ -111,11 +113,11 @@ def batches_baseline(paths, size, batch_size, augment=None):
 
 
 def batches_project(paths, size, batch_size, augment):
-    images = torch.stack([pil_to_tensor(train_vae.to_square(train_vae.open_rgb(p), size)) for p in paths])
+    images = torch.stack([pil_to_tensor(image_data.to_square(image_data.open_rgb(p), size)) for p in paths])
     while True:
         order = torch.randperm(len(images))
         for start in range(0, len(images) - batch_size + 1, batch_size):
-            x = train_vae.to_model_range(augment(images[order[start:start + batch_size]]))
+            x = image_data.to_model_range(augment(images[order[start:start + batch_size]]))
             yield x.contiguous(memory_format=torch.channels_last)
 
 
@@ -156,8 +158,8 @@ def recipe(spec, size):
     channels = [int(c) for c in o.get("channels", "/".join(map(str, train_vae.CHANNELS))).split("/")]
     latent = int(o.get("latent", train_vae.LATENT_CHANNELS))
     model = ablate(VAE(size, latent, channels), o).to(memory_format=torch.channels_last)
-    amp = o.get("amp", "on" if train_vae.bf16_is_fast(torch.device("cpu")) else "off") == "on"
-    augment = train_vae.make_augment(float(o.get("rotation", train_vae.ROTATION)))
+    amp = o.get("amp", "on" if cli.bf16_is_fast(torch.device("cpu")) else "off") == "on"
+    augment = image_data.make_augment(float(o.get("rotation", train_vae.ROTATION)))
     def loss_fn(recon, x, mu, log_var):
         return vae_loss(recon.float(), x, mu.float(), log_var.float(), train_vae.KL_WEIGHT)[0]
     return (model, int(o.get("batch", train_vae.CPU_BATCH_SIZE)), float(o.get("lr", train_vae.LEARNING_RATE)),
@@ -178,7 +180,7 @@ def evaluate(model, val):
 def validation_tensors(data, size):
     """The held-out images of file_split, stretched to size x size the baseline's way, in [-1, 1]."""
     transform = baseline_transforms(size, False)
-    return torch.stack([transform(train_vae.open_rgb(p)) for p in file_split(data)[1]])
+    return torch.stack([transform(image_data.open_rgb(p)) for p in file_split(data)[1]])
 
 
 def one_cycle(optimizer, lr, warmup):
@@ -279,7 +281,7 @@ def main():
     # A bf16 matmul on a CPU without bf16 instructions is emulated and takes minutes: measure it only
     # where train_vae.py would turn bf16 autocast on.
     peak = matmul_gflops()
-    peak_bf16 = matmul_gflops(dtype=torch.bfloat16) if train_vae.bf16_is_fast(torch.device("cpu")) else None
+    peak_bf16 = matmul_gflops(dtype=torch.bfloat16) if cli.bf16_is_fast(torch.device("cpu")) else None
     rows = []
     for name in args.recipes:
         out = subprocess.run([sys.executable, __file__, "--one", name, "--data", args.data,

@@ -59,13 +59,15 @@ def train_for(seconds, images, size, batch_size, device, log):
     pays for cuDNN's and the allocator's warm-up. Returns (model, its training images, images/s,
     seconds of one evaluation)."""
     import torch
+    import cli
+    import image_data
     import train_vae
     from vae_model import VAE
     args = train_vae.parse_args(["--image-size", str(size), "--batch-size", str(batch_size)])
-    args.epochs, args.use_amp = train_vae.EPOCHS, train_vae.bf16_is_fast(device)
-    train_rows, val_rows = train_vae.split(len(images), args.val_fraction, args.seed)
+    args.epochs, args.use_amp = train_vae.EPOCHS, cli.bf16_is_fast(device)
+    train_rows, val_rows = image_data.split(len(images), args.val_fraction, args.seed)
     val_images = images[val_rows].to(device)
-    images, train_rows = train_vae.place_images(images, train_rows, device)
+    images, train_rows = image_data.place_images(images, train_rows, device)
     log(f"{size} px: {len(train_rows)} training images "
         f"{'on the GPU' if images.device.type == 'cuda' else 'in host memory'}, batch {batch_size}, "
         f"bfloat16 autocast {'on' if args.use_amp else 'off'}")
@@ -73,7 +75,7 @@ def train_for(seconds, images, size, batch_size, device, log):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps = args.epochs * -(-len(train_rows) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, steps, pct_start=args.warmup)
-    augment, shuffle = train_vae.make_augment(args.rotation), torch.Generator().manual_seed(args.seed)
+    augment, shuffle = image_data.make_augment(args.rotation), torch.Generator().manual_seed(args.seed)
     started, timed, counted, epoch = time.perf_counter(), 0.0, 0, 0
     while epoch < 2 or time.perf_counter() - started < seconds:
         epoch += 1
@@ -105,6 +107,8 @@ def time_prior(codes, width, steps, use_amp):
 
 def measure(args, log):
     import torch
+    import cli
+    import image_data
     import train_vae
     from latent_prior import sample_prior
     device = torch.device("cpu" if args.cpu else "cuda")
@@ -115,10 +119,10 @@ def measure(args, log):
         torch.set_float32_matmul_precision("high")  # as train_vae.py does
         log(f"GPU: {torch.cuda.get_device_name(device)}, {torch.cuda.mem_get_info(device)[1] / 2**30:.0f} GiB; "
             f"torch {torch.__version__}, CUDA {torch.version.cuda}")
-    files = train_vae.image_files(args.data)
+    files = image_data.image_files(args.data)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "data": args.data}
     tick = time.perf_counter()
-    images = {size: train_vae.cached_images(files, size, "pad", args.data, train_vae.CACHE_DIR)
+    images = {size: image_data.cached_images(files, size, "pad", args.data, image_data.DEFAULT_CACHE_DIR)
               for size in (big, small)}
     results["decode_s"] = time.perf_counter() - tick
     log(f"{len(images[big])} images decoded at {big} and {small} px in {results['decode_s']:.0f} s")
@@ -134,9 +138,9 @@ def measure(args, log):
     # Stage two over the big latent: the latent means of the training images and their mirrors.
     with torch.no_grad():
         model.eval()
-        codes = torch.cat([model.encode(train_vae.to_model_range(x).contiguous(memory_format=torch.channels_last))[0]
+        codes = torch.cat([model.encode(image_data.to_model_range(x).contiguous(memory_format=torch.channels_last))[0]
                            for batch in train_images.split(32) for x in (batch, batch.flip(-1))]).float()
-    use_amp = train_vae.bf16_is_fast(device)
+    use_amp = cli.bf16_is_fast(device)
     results["prior_steps_per_s"], prior = time_prior(codes, train_vae.PRIOR_WIDTH, prior_steps, use_amp)
     results["guide_steps_per_s"], guide = time_prior(codes, train_vae.PRIOR_GUIDE_WIDTH, prior_steps, use_amp)
     log(f"learned prior over the {tuple(codes.shape[1:])} latent: {prior.config['levels']} levels, "
@@ -145,7 +149,7 @@ def measure(args, log):
     noise = torch.randn((16,) + tuple(codes.shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         samples = model.decode(sample_prior(prior, noise, 4 if args.cpu else 200, guide))
-    train_vae.save_png(samples, os.path.join(args.out, f"samples_{big}.png"))
+    image_data.save_png(samples, os.path.join(args.out, f"samples_{big}.png"))
     results["sample_16_s"] = time.perf_counter() - tick
     log(f"16 samples at {big} px in {results['sample_16_s']:.1f} s (a VAE and prior trained for seconds: "
         f"the path, not the quality): {args.out}/samples_{big}.png")
@@ -194,6 +198,8 @@ def main():
         tests = log.run(sys.executable, "-m", "pytest", "-q")
     sys.path.insert(0, ROOT)
     import torch  # only now: the install above may have brought it
+    import cli
+    import image_data
     import train_vae
     if not args.cpu and not torch.cuda.is_available():
         log("error: no CUDA GPU is visible to torch here; run on a machine with one, or pass --cpu")
@@ -201,7 +207,7 @@ def main():
     args.data = args.data or train_vae.DATASET
     try:
         results = measure(args, log)
-    except train_vae.UserError as error:
+    except cli.UserError as error:
         log(f"error: {error}")
         sys.exit(2)
     results.update(tests_exit_status=tests, wall_min=(time.perf_counter() - started) / 60)

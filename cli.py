@@ -1,0 +1,91 @@
+"""
+The command-line plumbing that train_vae.py and sample_vae.py share: the one-sentence error a
+user can fix, the checked types of their flags, the device, and the check that an output file
+can be written. Nothing here is about the VAE; a first reading can skip this file.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix: run_main prints it as one sentence and exits with status 2."""
+
+
+def run_main(main):
+    """sys.exit(main()), except that a UserError ends in one sentence and exit status 2, and
+    Ctrl-C before the work began (or a second one) in one line and status 130: no traceback."""
+    try:
+        sys.exit(main())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # every save is atomic, so there is nothing to clean up
+        print("\ninterrupted; every file written so far is whole", file=sys.stderr)
+        sys.exit(130)
+
+
+# --- Checked flag types: argparse answers a bad value with the rule it broke ---------------
+
+def checked(kind, ok, rule):
+    """An argparse type: convert the text with `kind`, then insist on `ok(value)`."""
+    def parse(text):
+        try:
+            value = kind(text)
+            if ok(value):
+                return value
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+    return parse
+
+
+positive_int = checked(int, lambda v: v > 0, "a positive whole number")
+positive_float = checked(float, lambda v: v > 0, "a positive number")
+steps_or_0 = checked(int, lambda v: v >= 0, "zero or a positive whole number")
+fraction = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
+
+
+# --- The device and the outputs, checked before any long work ------------------------------
+
+def pick_device(name):
+    """The torch.device for --device: "auto" takes a CUDA GPU, then an Apple GPU, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        torch.empty(1, device=name)  # the one sure test that the device exists here
+    except (RuntimeError, AssertionError) as error:  # a bad name, or no such device or driver
+        first_line = str(error).splitlines()[0]
+        raise UserError(f"the device {name!r} is not available here ({first_line}); "
+                        "use --device auto to pick the best one") from error
+    return torch.device(name)
+
+
+def check_writable(path, flag):
+    """Say now, not after an hour of training, that `path` cannot be written. An unnamed
+    temporary file in the nearest existing folder on its way proves it and leaves nothing."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; pass {flag} with the path of a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise UserError(f"cannot write to the folder {folder} ({error.strerror}); pass {flag} "
+                        "with a path in a folder you can write to") from error
+
+
+def bf16_is_fast(device):
+    """bfloat16 pays off on a GPU with bf16 and on a CPU with bf16 instructions (AMX, AVX-512
+    BF16); other CPUs emulate it. torch.cpu's helpers are private, so looked up, not assumed."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    names = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    checks = [getattr(torch.cpu, name, None) for name in names]
+    return device.type == "cpu" and any(check is not None and check() for check in checks)

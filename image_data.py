@@ -1,0 +1,257 @@
+"""
+The images, from files to the tensors the VAE sees, prepared the same way for training and
+sampling: finding them (a folder, or a Hugging Face Hub data set), opening one (RGB on white,
+upright), making it square, the decode-once cache, the split, augmented batches on the device;
+last, a grid of images saved as a PNG.
+"""
+import glob
+import hashlib
+import io
+import math
+import os
+import shutil
+import socket
+import urllib.parse
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from cli import UserError
+from vae_model import atomic_write
+
+DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "vae_pokemon")
+GPU_DATA_SHARE = 0.25  # the training images live on a GPU where they take at most this share
+                       # of its free memory
+WHITE = (255, 255, 255)
+
+
+# --- Finding the images ------------------------------------------------------------------
+
+def image_files(source, flag="--data"):
+    """Every file under a local folder (whatever the names), or a Hub data set's images."""
+    if os.path.isdir(source):
+        files = []
+        for root, _, names in os.walk(source):
+            files += [os.path.join(root, name) for name in names if not name.startswith(".")]
+        if not files:
+            raise UserError(f"the folder {source} holds no image files; put .png or .jpg images "
+                            f"in it or pass another {flag}")
+        return sorted(files)
+    looks_like_a_path = source.startswith((".", "/", "~")) or source.count("/") != 1
+    if os.path.exists(source) or looks_like_a_path:
+        what = "is a file" if os.path.exists(source) else "does not exist"
+        raise UserError(f"the data folder {source} {what}; pass --data with an existing folder "
+                        "of images or a Hub data set name")
+    return hub_images(source)
+
+
+def hub_images(name):
+    """The images of the Hub data set `name`, as undecoded bytes (or paths), so that one corrupt
+    image is skipped when the cache is built instead of ending the run."""
+    import datasets  # here only: loading it takes seconds, and a folder needs none of it
+    if not hub_reachable(datasets.config):
+        raise UserError(f"cannot reach the Hugging Face Hub to download {name}; "
+                        "connect to the internet or train offline with --data path/to/images")
+    try:
+        table = datasets.load_dataset(name, split="train")
+    except Exception as error:  # datasets raises many types for a wrong name or a failed download
+        raise UserError(f"could not load the Hub data set {name} ({type(error).__name__}); "
+                        "check the name or train offline with --data path/to/images") from error
+    columns = [key for key, kind in table.features.items() if isinstance(kind, datasets.Image)]
+    if not columns:
+        raise UserError(f"the data set {name} has no image column; pass --data with a folder "
+                        "of images")
+    items = table.cast_column(columns[0], datasets.Image(decode=False))[columns[0]]
+    return [item["bytes"] or item["path"] for item in items]
+
+
+def hub_reachable(config):
+    # One quick connect: offline, huggingface_hub retries for half a minute, and no setting stops
+    # it. Behind a proxy a direct connect proves nothing; offline mode asks for the local cache.
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")
+    if config.HF_HUB_OFFLINE or any(os.environ.get(name) for name in proxies):
+        return True
+    url = urllib.parse.urlparse(config.HF_ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), 5).close()
+    except OSError:
+        return False
+    return True
+
+
+# --- Opening one image and making it square ----------------------------------------------
+
+def open_rgb(file):
+    """An image file (path or file object) of any mode as RGB on a white background, upright."""
+    image = Image.open(file)
+    image.load()  # decode now, so that a truncated file fails here and not later
+    image = ImageOps.exif_transpose(image)  # a photo stored sideways, turned as viewers show it
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grey: scale to 8 bits
+        scale = 255 / 65535 if image.mode.startswith("I") else 255
+        image = image.point(lambda v: v * scale).convert("L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa", "P") or "transparency" in image.info:
+        # Composited on white: dropping the alpha channel would turn transparent pixels black.
+        white = Image.new("RGBA", image.size, WHITE + (255,))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def to_square(image, size, fit="pad"):
+    """Resize to size x size without distorting the shape: fit, then pad with white (artwork on
+    white), or fill the square and cut off what sticks out of its centre (photos)."""
+    if fit == "crop":
+        return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
+    return ImageOps.pad(image, (size, size), method=Image.Resampling.BICUBIC, color=WHITE)
+
+
+def square_pixels(file, size, fit):
+    """One image file as a uint8 tensor (3, size, size): what training and sampling both see."""
+    return pil_to_tensor(to_square(open_rgb(file), size, fit))
+
+
+def to_model_range(batch_uint8):
+    return batch_uint8.float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1], as tanh outputs
+
+
+# --- The cache: every image decoded once into a file on disk ------------------------------
+
+def cached_images(files, size, fit, source, cache_dir):
+    """All images as one uint8 tensor (N, 3, size, size), decoded once into a file on disk and
+    memory-mapped from then on: the page cache holds the pixels, not this process, so memory
+    does not grow with the data set."""
+    path = cache_path(files, size, fit, source, cache_dir)
+    try:  # copy-on-write: writable as torch wants, never written
+        images = np.load(path, mmap_mode="c")
+    except (OSError, ValueError, EOFError):  # none yet, or cut short (numpy checks the size)
+        print(f"decoding {len(files)} files once, at {size} px ({fit}), into the cache {path}")
+        images = build_cache(files, size, fit, path)
+    skipped = len(files) - len(images)
+    print(f"{len(images)} images at {size} px ({fit}) cached in {path}"
+          + (f"; skipped {skipped} file(s) that are not readable images" if skipped else ""))
+    if len(images) < 2:
+        raise UserError(f"{source} holds {len(images)} readable image(s) and at least 2 are "
+                        "needed; add images or pass another folder")
+    return torch.from_numpy(images)
+
+
+def cache_path(files, size, fit, source, cache_dir):
+    """Named by the source, size and fit, and keyed by every file's path, size and modification
+    time (a Hub image's bytes): a changed folder gets a new file beside its stale one."""
+    key = hashlib.sha256()
+    for file in files:
+        if isinstance(file, bytes):
+            key.update(file)
+        else:
+            stat = os.stat(file)
+            key.update(f"{os.path.abspath(file)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    where = os.path.abspath(source) if os.path.isdir(source) else source
+    name = hashlib.sha256(where.encode()).hexdigest()[:12]
+    file_name = f"{name}-{size}px-{fit}-{key.hexdigest()[:16]}.npy"
+    return os.path.join(os.path.expanduser(cache_dir), file_name)
+
+
+def build_cache(files, size, fit, path):
+    """Decode every image (skipping unreadable files) into a temporary file renamed to `path`
+    once whole: Ctrl-C, a kill or a full disk leaves no cache that could be read half-written."""
+    folder, shape = os.path.dirname(path), (3, size, size)
+
+    def write(tmp):
+        out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(files),) + shape)
+        count = 0
+        for file in tqdm(files, desc=f"caching images at {size} px", leave=False):
+            try:
+                pixels = square_pixels(io.BytesIO(file) if isinstance(file, bytes) else file,
+                                       size, fit)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                continue
+            out[count] = pixels.numpy()
+            count += 1
+        if count < len(files):  # the readable images only, in a file their size
+            part = np.lib.format.open_memmap(tmp + ".part", "w+", np.uint8, (count,) + shape)
+            part[:] = out[:count]
+            del out, part  # closes the memory maps, so that the file can be replaced
+            os.replace(tmp + ".part", tmp)
+
+    # The room is checked first: a memory map that runs out of disk crashes, it cannot say so.
+    need = len(files) * math.prod(shape)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if shutil.disk_usage(folder).free < need + 2**26:
+            raise UserError(f"caching {len(files)} images at {size} px needs {need / 1e9:.2f} GB "
+                            f"free in {folder}; make room there or pass --cache-dir with a "
+                            "folder on another disk")
+        atomic_write(path, write)
+    except OSError as error:
+        raise UserError(f"cannot write the image cache in {folder} ({error.strerror or error}); "
+                        "pass --cache-dir with a folder you can write to") from error
+    stale = set(glob.glob(glob.escape(path.rsplit("-", 1)[0]) + "-*")) - {path}
+    for old in stale:  # the same folder's cache from before it changed
+        os.remove(old)
+    return np.load(path, mmap_mode="c")
+
+
+def split(count, fraction, seed):
+    """A fixed, seeded train/validation split, as indices: the images themselves stay on disk."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    n_val = min(count - 1, max(1, round(count * fraction)))
+    return order[n_val:], order[:n_val]
+
+
+# --- Batches on the training device --------------------------------------------------------
+
+def place_images(images, index, device):
+    """Where the training images images[index] live, and their indices there: on a GPU where
+    they take at most GPU_DATA_SHARE of its free memory (a batch is then an index into them,
+    nothing is copied per step), else in the cache."""
+    if device.type != "cuda":
+        return images, index
+    megabytes = len(index) * images[0].numel() / 1e6
+    if megabytes * 1e6 > GPU_DATA_SHARE * torch.cuda.mem_get_info(device)[0]:
+        print(f"training images ({megabytes:.0f} MB) in host memory, a pinned batch at a time")
+        return images, index
+    print(f"training images ({megabytes:.0f} MB) on the GPU")
+    # A chunk at a time through host memory, so the copy never holds them all twice.
+    on_gpu = torch.cat([images[chunk].to(device) for chunk in index.split(256)])
+    return on_gpu, torch.arange(len(index), device=device)
+
+
+def fetch(images, pick, device):
+    """One batch of uint8 images on the device. For a GPU it is gathered straight into pinned
+    memory (PyTorch caches those buffers): its copy runs while the GPU works on the last step."""
+    if images.device.type == "cpu" and device.type == "cuda":
+        shape = (len(pick),) + images.shape[1:]
+        pinned = torch.empty(shape, dtype=images.dtype, pin_memory=True)
+        return torch.index_select(images, 0, pick, out=pinned).to(device, non_blocking=True)
+    return images[pick].to(device)
+
+
+# --- Augmentation: on uint8 batches already on the training device ------------------------
+
+def make_augment(rotation, fit="pad", size=None):
+    """Flip, rotation and light colour jitter (no hue shift: a blue Pikachu is no Pikachu). A v2
+    transform on a batch draws one flip and angle for all of it, cheaper than one per image;
+    batches are reshuffled every epoch, so an image still meets a new one each time. A cropped
+    photo is not on white: its edges are mirrored out so that no turned corner shows."""
+    rotate = v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=255)
+    if fit == "crop":
+        turn = math.radians(min(rotation, 45.0))
+        margin = math.ceil(size * (math.cos(turn) + math.sin(turn) - 1) / 2) + 1
+        rotate = v2.Compose([v2.Pad(margin, padding_mode="reflect"), rotate, v2.CenterCrop(size)])
+    jitter = v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1)
+    return v2.Compose([v2.RandomHorizontalFlip(), rotate, jitter])
+
+
+# --- Out: a grid of images as a PNG --------------------------------------------------------
+
+def save_png(images, path, nrow=8):
+    """A grid of images in [-1, 1] as a PNG, written whole or not at all."""
+    def write(tmp):
+        save_image(images.float(), tmp, format="png", nrow=nrow, normalize=True,
+                   value_range=(-1, 1), padding=2, pad_value=1)
+    atomic_write(path, write)
