@@ -7,6 +7,7 @@ import sys
 import tempfile
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
@@ -15,6 +16,12 @@ HF_HOME = tempfile.mkdtemp(prefix="vae_tests_hf_")  # keeps datasets' cache out 
 # Set before any test module imports datasets (through train_vae), so in-process tests are offline too.
 CACHE_HOME = tempfile.mkdtemp(prefix="vae_tests_cache_")  # and train_vae.py's image cache out of ~/.cache
 os.environ.update(HF_HOME=HF_HOME, HF_HUB_OFFLINE="1", MPLBACKEND="Agg", XDG_CACHE_HOME=CACHE_HOME)
+# pytest-xdist's workers share the cores: a thread or more each, for this worker and for the
+# scripts it starts, or torch's threads in the workers spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 

@@ -1,11 +1,16 @@
-"""Every mistake a user can make ends with one clear sentence, exit status 2, no traceback."""
+"""Every mistake a user can make ends with one clear sentence, exit status 2, no traceback and
+no file changed: each script run as a user runs it. (A module's own errors are unit-tested
+beside it; here is what a user meets.)"""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import sample_vae
 from conftest import assert_user_error, make_folder, run_script
-from vae_model import VAE, vae_checkpoint
+from vae_model import VAE, load_vae, vae_checkpoint
 
 
 # ------------------------------------------------------------------ train_vae.py
@@ -101,6 +106,44 @@ def test_an_output_that_cannot_be_written_is_said_before_training(tmp_path, imag
     assert "train mse" not in result.stdout and sorted(os.listdir(tmp_path)) == ["file", "folder"]
 
 
+@pytest.mark.parametrize("flag,value,phrase", [
+    ("--prior-steps", "-1", "zero or a positive"), ("--prior-width", "20", "multiple of 8"),
+    ("--prior-lr", "0", "positive"),
+    ("--prior-guide-steps", "-1", "zero or a positive"), ("--prior-guide-width", "12", "multiple of 8"),
+])
+def test_bad_prior_flags(tmp_path, flag, value, phrase):
+    assert_user_error(run_script("train_vae.py", flag, value, "--results-dir", tmp_path / "r"), phrase)
+
+
+def test_a_diverging_run_says_what_to_do(tmp_path, image_folder):
+    result = run_script("train_vae.py", "--data", image_folder, "--epochs", 3, "--image-size", 32, "--prior-steps", 0,
+                        "--device", "cpu", "--lr", "1e30", "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
+    assert_user_error(result, "lower --lr", "--kl-weight")
+    assert not (tmp_path / "m.pth").exists()
+
+
+def only_these_files(folder, *names):
+    return sorted(os.listdir(folder)) == sorted(names)
+
+
+def test_bad_input_creates_no_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for data in (tmp_path / "nope", tmp_path / "empty"):
+        result = run_script("train_vae.py", "--data", data, "--results-dir", tmp_path / "r",
+                            "--out", tmp_path / "m.pth", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+    assert only_these_files(tmp_path, "empty")
+
+
+def test_a_cache_dir_that_is_a_file_is_one_sentence(tmp_path, image_folder):
+    (tmp_path / "file").write_text("not a folder")
+    result = run_script("train_vae.py", "--data", image_folder, "--image-size", 32, "--epochs", 1,
+                        "--prior-steps", 0, "--device", "cpu", "--cache-dir", tmp_path / "file" / "cache",
+                        "--results-dir", tmp_path / "r", "--out", tmp_path / "m.pth")
+    assert_user_error(result, "cannot write the image cache", "--cache-dir")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
 # ------------------------------------------------------------------ sample_vae.py
 
 def test_model_missing(tmp_path):
@@ -145,7 +188,6 @@ def test_pickled_code_in_model_file_is_refused(tmp_path):
               f"    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
               f"torch.save({{'config': {{}}, 'model': E()}}, r'{tmp_path / 'evil.pth'}')\n")
     (tmp_path / "make.py").write_text(source)
-    import subprocess, sys
     subprocess.run([sys.executable, str(tmp_path / "make.py")], check=True)
     result = run_script("sample_vae.py", "--model", tmp_path / "evil.pth", "--no-show")
     assert_user_error(result, "not a readable PyTorch checkpoint")
@@ -169,3 +211,78 @@ def test_image_unreadable(trained, tmp_path, kind):
                         "--out", tmp_path / "fig.png")
     assert_user_error(result, "not a readable image")
     assert not (tmp_path / "fig.png").exists()
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--generate", "0"], "positive"),
+    (["--generate", "4", "--guidance", "0.5"], "at least 1"),
+    (["--generate", "4", "--guidance-interval", "0.2", "1.5"], "a noise level from 0 to 1"),
+    (["--generate", "4", "--guidance-interval", "0.7", "0.2"], "LO must not exceed HI"),
+    (["--generate", "4", "--temperature", "0"], "must be a positive number"),
+    (["--interpolate", "a.png", "b.png", "--steps", "1"], "at least 2"),
+    (["--generate", "4", "--prior", "data"], "data needs --data"),
+    (["--prior", "normal"], "only --generate uses it; add --generate N"),  # would reconstruct, ignoring it
+    (["--generate", "4", "--data", "."], "only --prior data uses it"),  # would draw from the learned prior
+])
+def test_bad_mode_arguments(trained, args, phrase):
+    assert_user_error(run_script("sample_vae.py", "--model", trained["model"], *args), phrase)
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--guidance", "2"], "argument --guidance: only --generate uses it; add --generate N"),
+    (["--sample-steps", "5", "--latent-map", "."], "argument --sample-steps: only --generate uses it"),
+    (["--steps", "5"], "argument --steps: only --interpolate uses it; add --interpolate A B"),
+    (["--generate", "4", "--steps", "5"], "argument --steps: only --interpolate uses it"),
+    (["--generate", "4", "--prior", "normal", "--guidance", "2"], "--guidance: only the learned prior uses it"),
+    (["--generate", "4", "--prior", "data", "--data", ".", "--sample-steps", "9"], "only the learned prior uses it"),
+    (["--guidance-interval", "0", "1"], "argument --guidance-interval: only --generate uses it"),
+    (["--temperature", "0.8", "--latent-map", "."], "argument --temperature: only --generate uses it"),
+    (["--generate", "4", "--prior", "normal", "--guidance-interval", "0", "1"], "only the learned prior uses it"),
+])
+def test_a_flag_the_chosen_mode_would_ignore_is_an_error(args, phrase, capsys):
+    with pytest.raises(SystemExit) as exit:
+        sample_vae.parse_args(args)
+    assert exit.value.code == 2 and phrase in capsys.readouterr().err
+
+
+def test_latent_map_of_a_folder_without_images(trained, tmp_path):
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "readme.txt").write_text("no images here")
+    result = run_script("sample_vae.py", "--model", trained["model"], "--latent-map", tmp_path / "text")
+    assert_user_error(result, "0 readable image(s)")
+    # Each message names the flag the user gave (the training script's is --data).
+    (tmp_path / "empty").mkdir()
+    for folder, phrase in ((tmp_path / "empty", "holds no image files"), (tmp_path / "nope", "does not exist")):
+        for args in (["--latent-map", folder], ["--generate", 2, "--prior", "data", "--data", folder]):
+            message = assert_user_error(run_script("sample_vae.py", "--model", trained["model"], *args), phrase)
+            assert f"pass {args[-2]} with" in message or f"pass another {args[-2]}" in message, message
+
+
+def test_interpolate_with_a_missing_image(trained, image_folder, tmp_path):
+    result = run_script("sample_vae.py", "--model", trained["model"], "--interpolate",
+                        os.path.join(image_folder, "blob_01.png"), tmp_path / "missing.png")
+    message = assert_user_error(result, "missing.png does not exist", "pass --interpolate")
+    assert "--image" not in message  # the flag the user gave, not the default mode's
+
+
+@pytest.fixture
+def model_without_prior(trained, tmp_path):
+    path = tmp_path / "old.pth"
+    torch.save(vae_checkpoint(load_vae(trained["model"])), path)
+    return path
+
+
+def test_asking_for_a_learned_prior_that_is_not_there(model_without_prior, tmp_path):
+    result = run_script("sample_vae.py", "--model", model_without_prior, "--generate", 3,
+                        "--prior", "learned", "--out", tmp_path / "a.png")
+    assert_user_error(result, "no learned prior", "--prior normal")
+    assert not (tmp_path / "a.png").exists()
+
+
+@pytest.mark.parametrize("part", ["prior", "guide"])
+def test_prior_that_does_not_fit_its_config(trained, tmp_path, part):
+    checkpoint = torch.load(trained["model"], weights_only=True)
+    checkpoint[part]["config"]["width"] = 24
+    torch.save(checkpoint, tmp_path / "bad.pth")
+    result = run_script("sample_vae.py", "--model", tmp_path / "bad.pth", "--generate", 2)
+    assert_user_error(result, f"{part} that does not fit its own config")

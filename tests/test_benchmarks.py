@@ -1,5 +1,6 @@
-"""The time-to-quality benchmark runs end to end on a tiny budget, so the README's tables
-can be re-made, and its ablation switches change what they say."""
+"""benchmarks/: each script runs end to end on a tiny budget, so that its tables can be re-made:
+time to quality and its ablation switches, the GPU check's CPU mode, memory, and the measures of
+sample quality."""
 import ast
 import math
 import re
@@ -14,6 +15,7 @@ import torch
 from conftest import ROOT, assert_user_error
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import bench_samples  # noqa: E402  (benchmarks/ is not a package: found through sys.path)
 
 
 def test_bench_train_prints_one_row_per_recipe(image_folder):
@@ -136,3 +138,78 @@ def test_the_memory_benchmark_times_a_first_and_a_second_run_of_linked_folders(i
     assert os.stat(linked / "01_blob_03.png").st_ino == os.stat(os.path.join(image_folder, "blob_03.png")).st_ino
     [cache] = os.listdir(tmp_path / "cache")  # the runs' own cache, kept apart from the user's
     assert "-32px-pad-" in cache and cache.endswith(".npy")
+
+
+# ------------------------------------------------------------------ benchmarks/bench_samples.py
+
+def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
+    a = torch.randn(300, 6, generator=torch.Generator().manual_seed(0))
+    assert abs(bench_samples.frechet_distance(a, a)) < 1e-6
+    shifts = [bench_samples.frechet_distance(a, a + s) for s in (0.5, 1.0, 2.0)]
+    assert shifts[0] == pytest.approx(6 * 0.25, rel=1e-6) and shifts[0] < shifts[1] < shifts[2]
+    # A wider spread counts too: scaling a set by 2 moves its mean m to 2m and gives
+    # tr(C + 4C - 2 (4C^2)^1/2) = tr(C) for the covariances.
+    b = torch.randn(500, 3, generator=torch.Generator().manual_seed(1)).double()
+    expected = b.mean(0).pow(2).sum() + torch.cov(b.T).trace()
+    assert bench_samples.frechet_distance(b, 2 * b) == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_one_piece_counts_figures_that_are_not_fragments():
+    images = torch.ones(4, 3, 32, 32)  # white
+    images[0, :, 4:20, 4:20] = -1  # one square
+    images[1, :, 4:12, 4:12] = images[1, :, 20:28, 20:28] = -1  # two apart
+    images[2, :, 4:12, 4:12] = images[2, 0, 24:27, 24:27] = -1  # one square and a red speck
+    images[3, :, 4:12, 4:12] = images[3, :, 12:20, 12:20] = 0  # two grey squares touching corners
+    assert [bench_samples.one_piece(image[None]) for image in images] == [1, 0, 1, 1]
+    assert bench_samples.one_piece(images) == 0.75
+    assert bench_samples.one_piece(torch.ones(2, 3, 8, 8)) == 0  # nothing drawn: no figure
+    images[0, :, 1:31, 1:31] = -1  # one piece, but it fills the frame: not a figure on white
+    assert bench_samples.one_piece(images[:1]) == 0
+
+
+def test_bench_samples_prints_every_row(trained, image_folder, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
+                             "--model", str(trained["model"]), "--data", image_folder, "--samples", "16",
+                             "--val-fraction", "0.3", "--sample-steps", "3", "--grids", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "distance" not in line]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == ["real training images (floor)", "real latents (reconstructions)", "N(0, I)",
+                     "diagonal data prior", "PCA Gaussian", "learned prior without autoguidance",
+                     "learned prior (chosen)", f"learned prior at temperature {bench_samples.LOW_TEMPERATURE}"]
+    for name, row in zip(names, rows):
+        layout, texture, whole, copy = (float(cell) for cell in row.split("|")[2:6])
+        assert layout > -1e-6 and texture > -1e-6 and 0 <= whole <= 1, row
+        # The floor's samples are training images: each is its own nearest neighbour.
+        assert (copy == 0) == (name == "real training images (floor)"), row
+    assert len(os.listdir(tmp_path)) == 6
+    # The low-temperature row draws from the same noise, shrunk: other samples, other distances.
+    assert rows[-1].split("|")[2:6] != rows[-2].split("|")[2:6]
+    # Stage two's training time, stored in the checkpoint, belongs to the chosen row alone.
+    assert float(rows[-2].split("|")[6]) > 0 and rows[-1].split("|")[6].strip() == ""
+
+    # Another --draw-seed draws other samples from every prior, against the same real images;
+    # --low-temperature 0 leaves that row out, and --only draws only the priors it names.
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
+                            "--model", str(trained["model"]), "--data", image_folder, "--samples", "16",
+                            "--val-fraction", "0.3", "--sample-steps", "3", "--draw-seed", "1",
+                            "--low-temperature", "0", "--only", "learned prior"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    def distances(row):
+        return row.split("|")[2:6]
+
+    rows_again = [line for line in again.stdout.splitlines() if line.startswith("| ") and "distance" not in line]
+    kept = [name for name in names[:-1] if name.startswith("real") or "learned prior" in name]
+    assert [row.split("|")[1].strip() for row in rows_again] == kept == names[:2] + names[5:7]
+    assert [distances(row) for row in rows_again[:2]] == [distances(row) for row in rows[:2]]
+    assert all(distances(a) != distances(b) for a, b in zip(rows_again[2:], rows[5:7]))
+
+
+def test_bench_samples_names_a_missing_model(image_folder, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_samples.py"),
+                             "--model", str(tmp_path / "none.pth"), "--data", image_folder],
+                            capture_output=True, text=True, timeout=300)
+    assert_user_error(result, "none.pth", "train_vae.py")

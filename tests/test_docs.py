@@ -1,6 +1,8 @@
-"""The README names every flag the scripts accept, so the documentation cannot fall behind
-the code."""
+"""The README names every file and every flag the scripts accept, so the documentation cannot
+fall behind the code; and the files keep the layout it describes."""
 import argparse
+import ast
+import glob
 import os
 import re
 import subprocess
@@ -87,3 +89,51 @@ def test_every_picture_and_file_a_readme_links_to_is_in_the_repository(readme):
                if os.path.normpath(os.path.join(folder, target)) not in tracked
                and not any(path.startswith(os.path.normpath(os.path.join(folder, target)) + "/") for path in tracked)]
     assert not missing, f"{readme} links to files git does not track: {missing}"
+
+
+MODULES = ("vae_model", "latent_prior", "cli", "image_data")
+SCRIPTS = ("train_vae", "sample_vae")
+
+
+def project_imports(name):
+    """The project's files that `name`.py imports, anywhere in it."""
+    with open(os.path.join(ROOT, name + ".py"), encoding="utf-8") as file:
+        tree = ast.parse(file.read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.add(node.module)
+    return found & set(MODULES + SCRIPTS)
+
+
+def test_the_files_form_a_stack():
+    """The scripts import the modules; no module imports a script, sample_vae.py not the training
+    script, and no import goes round in a cycle, so the files can be read one after another."""
+    imports = {name: project_imports(name) for name in MODULES + SCRIPTS}
+    assert {name: imports[name] & set(SCRIPTS) for name in MODULES} == {name: set() for name in MODULES}
+    assert imports["sample_vae"] == {"vae_model", "latent_prior", "cli", "image_data"}
+    read = set()
+    while len(read) < len(imports):
+        readable = {name for name in imports if name not in read and imports[name] <= read}
+        assert readable, f"an import cycle among {sorted(set(imports) - read)}"
+        read |= readable
+
+
+def test_the_readme_names_every_file_and_each_stays_readable():
+    """Each top-level .py file is in the README's table of files, within 100 characters a line
+    and 420 lines, and all of them within 1,550 lines."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as file:
+        readme = file.read()
+    files = sorted(os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "*.py")))
+    assert files == sorted(name + ".py" for name in MODULES + SCRIPTS)
+    total = 0
+    for name in files:
+        assert f"| [`{name}`]({name}) |" in readme, name
+        with open(os.path.join(ROOT, name), encoding="utf-8") as file:
+            lines = file.read().splitlines()
+        long = [number for number, line in enumerate(lines, 1) if len(line) > 100]
+        assert not long and len(lines) <= 420, (name, long, len(lines))
+        total += len(lines)
+    assert total <= 1550, total

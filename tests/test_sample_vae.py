@@ -1,0 +1,257 @@
+"""sample_vae.py: every mode, headless, on the model trained in conftest, checked against what
+the model computes; the learned prior and its guide by default, the fallbacks with a note."""
+import inspect
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample_vae
+from conftest import ROOT, grid_pixels, run_script
+from image_data import open_rgb, to_model_range, to_square
+from latent_prior import load_prior, sample_prior
+from torchvision.transforms.v2.functional import pil_to_tensor
+from train_vae import LATENT_CHANNELS
+from vae_model import VAE, load_vae, vae_checkpoint
+
+
+def test_reconstruction_figure_and_its_psnr(trained, image_folder, tmp_path):
+    image = os.path.join(image_folder, "blob_03.png")
+    out = tmp_path / "fig.png"
+    result = run_script("sample_vae.py", "--model", trained["model"], "--no-show", "--out", out, "--image", image)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = float(re.search(r"reconstruction PSNR ([0-9.]+) dB", result.stdout).group(1))
+    model = load_vae(trained["model"])
+    x = to_model_range(pil_to_tensor(to_square(open_rgb(image), 32)).unsqueeze(0))  # as in training
+    with torch.no_grad():
+        mse = ((model.decode(model.encode(x)[0]) - x) / 2).pow(2).mean().item()  # on [0, 1] pixels
+    assert printed == pytest.approx(10 * math.log10(1 / mse), abs=0.006)
+    with Image.open(out) as figure:
+        assert figure.width > 2.5 * figure.height  # original | reconstruction | latent channels
+
+
+def test_sampling_one_image_loads_neither_datasets_nor_the_training_script(trained, tmp_path):
+    """sample_vae.py imports the model, the prior and image_data.py; the Hub client (seconds to
+    import) only where a Hub data set is read, which sampling never does."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['sample_vae.py', '--model', {str(trained['model'])!r}, '--no-show',"
+            f" '--out', {str(tmp_path / 'fig.png')!r}]\n"
+            "try:\n"
+            f"    runpy.run_path({os.path.join(ROOT, 'sample_vae.py')!r}, run_name='__main__')\n"
+            "except SystemExit as exit_:\n"
+            "    assert not exit_.code, exit_.code\n"
+            "print(sorted(name for name in ('datasets', 'train_vae') if name in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reconstruction PSNR" in result.stdout and (tmp_path / "fig.png").exists()
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def wide_photo():
+    """A 'photo' three times as wide as high: red, green (the centre) and blue thirds, no white."""
+    photo = Image.new("RGB", (96, 32), (200, 30, 30))
+    photo.paste((30, 200, 30), (32, 0, 64, 32))
+    photo.paste((30, 30, 200), (64, 0, 96, 32))
+    return photo
+
+
+def test_sample_vae_prepares_images_with_the_models_fit(tmp_path):
+    wide_photo().save(tmp_path / "photo.png")
+    x = sample_vae.load_image(str(tmp_path / "photo.png"), VAE(16, 2, (8, 8, 8), fit="crop"))
+    r, g, b = x[0].add(1).mul(127.5).round()
+    assert (g > 180).all() and (r < 60).all() and (b < 60).all()  # the green centre, not the red and blue edges
+    padded = sample_vae.load_image(str(tmp_path / "photo.png"), VAE(16, 2, (8, 8, 8)))
+    assert (padded[0, :, 0] == 1).all()  # the default pads: white on top
+
+
+# ------------------------------------------------------------------ --generate
+
+
+@pytest.mark.parametrize("flags, guidance, temperature, says", [
+    ([], sample_vae.GUIDANCE, 1.0, "learned prior, autoguidance 1.5\n"),
+    (["--guidance", 3], 3.0, 1.0, "learned prior, autoguidance 3\n"),
+    (["--guidance", 1], 1.0, 1.0, "learned prior\n"),
+    (["--temperature", 0.5], sample_vae.GUIDANCE, 0.5, "learned prior, autoguidance 1.5, temperature 0.5\n")])
+def test_generate_uses_the_learned_prior_and_its_guide_by_default(trained, tmp_path, flags, guidance, temperature,
+                                                                   says):
+    out = tmp_path / "gen.png"
+    result = run_script("sample_vae.py", "--model", trained["model"], "--generate", 5, "--seed", 4,
+                        "--sample-steps", 7, "--out", out, *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert says in result.stdout
+    model, (prior, guide) = load_vae(trained["model"]), load_prior(trained["model"])
+    noise = temperature * torch.randn(5, LATENT_CHANNELS, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = grid_pixels(model.decode(sample_prior(prior, noise, 7, guide, guidance)), nrow=5)
+    with Image.open(out) as grid:
+        written = np.asarray(grid.convert("RGB")).astype(int)
+    assert np.abs(written - expected).max() <= 1
+
+
+def test_training_draws_its_sample_grid_as_sample_vae_does():
+    """train_vae.py's samples_learned_prior.png takes sample_prior's defaults; sample_vae.py has
+    constants of its own, which must be the same numbers."""
+    defaults = inspect.signature(sample_prior).parameters
+    assert defaults["steps"].default == sample_vae.SAMPLE_STEPS
+    assert defaults["guidance"].default == sample_vae.GUIDANCE
+    assert defaults["interval"].default == sample_vae.GUIDANCE_INTERVAL
+
+
+@pytest.mark.parametrize("count, temperature", [(3, 1.0), (16, 0.7)])
+def test_generate_from_the_normal_prior_decodes_the_seeded_noise(trained, tmp_path, count, temperature):
+    """--prior normal decodes z ~ N(0, temperature^2 I) from --seed, laid out 8 to a row."""
+    out = tmp_path / "normal.png"
+    result = run_script("sample_vae.py", "--model", trained["model"], "--generate", count, "--seed", 2,
+                        "--prior", "normal", "--temperature", temperature, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "from the normal prior" in result.stdout
+    model = load_vae(trained["model"])
+    with torch.no_grad():
+        noise = torch.randn(count, LATENT_CHANNELS, 4, 4, generator=torch.Generator().manual_seed(2))
+        expected = grid_pixels(model.decode(temperature * noise), min(8, count))
+    with Image.open(out) as grid:
+        written = np.asarray(grid.convert("RGB")).astype(int)
+    rows = math.ceil(count / 8)
+    assert written.shape == (rows * 34 + 2, min(8, count) * 34 + 2, 3)  # 32 px each, 2 px padding
+    assert np.abs(written - expected).max() <= 1
+
+
+def test_generate_is_repeatable_with_seed(trained, tmp_path):
+    outs = []
+    for name in ("a.png", "b.png"):
+        outs.append(tmp_path / name)
+        run_script("sample_vae.py", "--model", trained["model"], "--generate", 4, "--seed", 3, "--sample-steps", 10,
+                   "--out", outs[-1])
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_generate_from_the_data_prior_decodes_the_fitted_gaussian(trained, image_folder, tmp_path):
+    out = tmp_path / "gen.png"
+    result = run_script("sample_vae.py", "--model", trained["model"], "--generate", 3, "--seed", 5,
+                        "--prior", "data", "--data", image_folder, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = load_vae(trained["model"])
+    images = torch.stack([to_model_range(pil_to_tensor(to_square(open_rgb(os.path.join(image_folder, name)), 32)))
+                          for name in sorted(os.listdir(image_folder))])
+    with torch.no_grad():
+        mus = model.encode(images)[0]
+        eps = torch.randn(3, *mus.shape[1:], generator=torch.Generator().manual_seed(5))
+        expected = grid_pixels(model.decode(mus.mean(0) + mus.std(0) * eps), nrow=3)
+    with Image.open(out) as grid:
+        assert np.abs(np.asarray(grid.convert("RGB")).astype(int) - expected).max() <= 1
+
+
+def test_the_data_prior_is_the_mean_and_std_of_the_latent_means(trained):
+    model = load_vae(trained["model"])
+    images = torch.rand(70, 3, 32, 32) * 2 - 1  # more than one batch of encode_means
+    mean, std = sample_vae.fit_data_prior(model, images)
+    with torch.no_grad():
+        mus = model.encode(images)[0]
+    assert torch.allclose(mean, mus.mean(0), atol=1e-5) and torch.allclose(std, mus.std(0), atol=1e-5)
+    z = sample_vae.draw_latents(20000, mean, std, seed=0)
+    assert torch.allclose(z.mean(0), mean, atol=0.05 * std.max().item() + 1e-3)
+    assert torch.allclose(z.std(0), std, rtol=0.05)
+
+
+@pytest.fixture
+def model_without_prior(trained, tmp_path):
+    path = tmp_path / "old.pth"
+    torch.save(vae_checkpoint(load_vae(trained["model"])), path)
+    return path
+
+
+def test_checkpoint_without_prior_falls_back_to_normal_with_a_note(model_without_prior, trained, tmp_path):
+    result = run_script("sample_vae.py", "--model", model_without_prior, "--generate", 3, "--seed", 2,
+                        "--out", tmp_path / "a.png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "holds no learned prior" in result.stdout and "N(0, I)" in result.stdout
+    run_script("sample_vae.py", "--model", trained["model"], "--generate", 3, "--seed", 2,
+               "--prior", "normal", "--out", tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_a_prior_without_a_guide_samples_unguided_with_a_note(trained, tmp_path):
+    model, prior = load_vae(trained["model"]), load_prior(trained["model"])[0]
+    torch.save(vae_checkpoint(model, prior), tmp_path / "unguided.pth")  # as --prior-guide-steps 0 writes it
+    result = run_script("sample_vae.py", "--model", tmp_path / "unguided.pth", "--generate", 3, "--seed", 2,
+                        "--sample-steps", 5, "--out", tmp_path / "a.png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "holds no guide for its prior" in result.stdout and ", autoguidance" not in result.stdout
+    noise = torch.randn(3, LATENT_CHANNELS, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = grid_pixels(model.decode(sample_prior(prior, noise, 5)), 3)
+    with Image.open(tmp_path / "a.png") as grid:
+        assert np.abs(np.asarray(grid.convert("RGB")).astype(int) - expected).max() <= 1
+    # With guidance turned off there is nothing to miss, and nothing to say.
+    result = run_script("sample_vae.py", "--model", tmp_path / "unguided.pth", "--generate", 3, "--sample-steps", 5,
+                        "--guidance", 1, "--out", tmp_path / "b.png")
+    assert result.returncode == 0 and "note" not in result.stdout, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ --interpolate, --latent-map, flags
+
+
+def test_interpolation_decodes_the_straight_line_between_the_latent_means(trained, image_folder, tmp_path):
+    a, b = (os.path.join(image_folder, name) for name in ("blob_01.png", "blob_05.png"))
+    out = tmp_path / "walk.png"
+    result = run_script("sample_vae.py", "--model", trained["model"], "--interpolate", a, b,
+                        "--steps", 5, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = load_vae(trained["model"])
+    xa, xb = (sample_vae.load_image(path, model) for path in (a, b))
+    with torch.no_grad():
+        mu_a, mu_b = model.encode(xa)[0], model.encode(xb)[0]
+        expected = model.decode(torch.cat([(1 - t) * mu_a + t * mu_b for t in (0, 0.25, 0.5, 0.75, 1)]))
+    assert torch.allclose(sample_vae.interpolation(model, xa, xb, 5), expected, atol=1e-5)
+    with Image.open(out) as strip:
+        assert np.abs(np.asarray(strip.convert("RGB")).astype(int) - grid_pixels(expected, nrow=5)).max() <= 1
+    with Image.open(tmp_path / "walk.gif") as gif:
+        assert gif.n_frames == 8  # 5 there, 3 back
+
+
+def test_latent_map_positions_are_the_principal_components_whatever_the_seed(trained, image_folder, tmp_path):
+    mus = torch.randn(30, 4, 2, 2) * torch.linspace(0.1, 3, 16).view(1, 4, 2, 2)
+    flat = mus.flatten(1).double()
+    centred = flat - flat.mean(0)
+    _, vectors = torch.linalg.eigh(centred.T @ centred)  # eigenvalues ascending: the last two axes
+    independent = centred @ vectors[:, [-1, -2]]
+    positions = sample_vae.latent_positions(mus).double()
+    for axis in range(2):  # an axis has no sign of its own
+        assert torch.allclose(positions[:, axis].abs(), independent[:, axis].abs(), atol=1e-4)
+    outs = [tmp_path / "a.png", tmp_path / "b.png"]
+    for seed, out in zip((1, 2), outs):
+        result = run_script("sample_vae.py", "--model", trained["model"], "--latent-map", image_folder,
+                            "--seed", seed, "--out", out)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_flags_that_their_mode_uses_are_accepted():
+    assert sample_vae.parse_args(["--generate", "4", "--guidance", "2", "--sample-steps", "5"]).guidance == 2
+    assert sample_vae.parse_args(["--generate", "4", "--prior", "normal", "--temperature", "0.8"]).temperature == 0.8
+    assert sample_vae.parse_args(["--generate", "4", "--prior", "learned", "--guidance", "1"]).guidance == 1
+    assert sample_vae.parse_args(["--interpolate", "a", "b", "--steps", "5"]).steps == 5
+    assert sample_vae.parse_args(["--generate", "4", "--guidance-interval", "0", "1"]).guidance_interval == (0, 1)
+    assert sample_vae.parse_args(["--guidance-interval", "0.2", "0.7"]).guidance_interval == (0.2, 0.7)  # the default
+
+
+def test_ctrl_c_while_sampling_ends_without_a_traceback(trained, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample_vae, "generate", interrupted)
+    monkeypatch.setattr(sys, "argv", ["sample_vae.py", "--model", str(trained["model"]), "--generate", "2"])
+    try:
+        sample_vae.main()
+    except KeyboardInterrupt:  # what Python would print as a traceback
+        pytest.fail("Ctrl-C escaped sample_vae.main()")
+    except SystemExit as exit_:
+        assert exit_.code == 130 and "interrupted" in capsys.readouterr().err
+    else:
+        pytest.fail("sample_vae.main() returned after Ctrl-C")
