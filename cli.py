@@ -1,7 +1,6 @@
 """
-The command-line plumbing that train_vae.py and sample_vae.py share: the one-sentence error a
-user can fix, the checked types of their flags, the device, and the check that an output file
-can be written. Nothing here is about the VAE; a first reading can skip this file.
+What the command lines of train_vae.py and sample_vae.py share: the one-sentence error a user
+can fix, checked flag values, the device and its precision, and that an output can be written.
 """
 import argparse
 import os
@@ -28,8 +27,7 @@ def run_main(main):
         sys.exit(130)
 
 
-# --- Checked flag types: argparse answers a bad value with the rule it broke ---------------
-
+# --- Checked flag types: argparse answers a bad value with the rule it broke ------------------
 def checked(kind, ok, rule):
     """An argparse type: convert the text with `kind`, then insist on `ok(value)`."""
     def parse(text):
@@ -49,8 +47,7 @@ steps_or_0 = checked(int, lambda v: v >= 0, "zero or a positive whole number")
 fraction = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 
 
-# --- The device and the outputs, checked before any long work ------------------------------
-
+# --- The device and the outputs, checked before any long work ---------------------------------
 def pick_device(name):
     """The torch.device for --device: "auto" takes a CUDA GPU, then an Apple GPU, then the CPU."""
     if name == "auto":

@@ -1,8 +1,7 @@
 """
 The images, from files to the tensors the VAE sees, prepared the same way for training and
-sampling: finding them (a folder, or a Hugging Face Hub data set), opening one (RGB on white,
-upright), making it square, the decode-once cache, the split, augmented batches on the device;
-last, a grid of images saved as a PNG.
+sampling: finding them (a folder, or the Hub), opening one (RGB on white, upright), making it
+square, the decode-once cache, the split, augmented batches on the device; a grid as a PNG.
 """
 import glob
 import hashlib
@@ -25,13 +24,11 @@ from cli import UserError
 from vae_model import atomic_write
 
 DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "vae_pokemon")
-GPU_DATA_SHARE = 0.25  # the training images live on a GPU where they take at most this share
-                       # of its free memory
+GPU_DATA_SHARE = 0.25  # the most of a GPU's free memory that the training images may take there
 WHITE = (255, 255, 255)
 
 
-# --- Finding the images ------------------------------------------------------------------
-
+# --- Finding the images -----------------------------------------------------------------------
 def image_files(source, flag="--data"):
     """Every file under a local folder (whatever the names), or a Hub data set's images."""
     if os.path.isdir(source):
@@ -85,8 +82,7 @@ def hub_reachable(config):
     return True
 
 
-# --- Opening one image and making it square ----------------------------------------------
-
+# --- Opening one image and making it square ---------------------------------------------------
 def open_rgb(file):
     """An image file (path or file object) of any mode as RGB on a white background, upright."""
     image = Image.open(file)
@@ -119,8 +115,7 @@ def to_model_range(batch_uint8):
     return batch_uint8.float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1], as tanh outputs
 
 
-# --- The cache: every image decoded once into a file on disk ------------------------------
-
+# --- The cache: every image decoded once into a file on disk ----------------------------------
 def cached_images(files, size, fit, source, cache_dir):
     """All images as one uint8 tensor (N, 3, size, size), decoded once into a file on disk and
     memory-mapped from then on: the page cache holds the pixels, not this process, so memory
@@ -203,8 +198,7 @@ def split(count, fraction, seed):
     return order[n_val:], order[:n_val]
 
 
-# --- Batches on the training device --------------------------------------------------------
-
+# --- Batches on the training device -----------------------------------------------------------
 def place_images(images, index, device):
     """Where the training images images[index] live, and their indices there: on a GPU where
     they take at most GPU_DATA_SHARE of its free memory (a batch is then an index into them,
@@ -231,8 +225,7 @@ def fetch(images, pick, device):
     return images[pick].to(device)
 
 
-# --- Augmentation: on uint8 batches already on the training device ------------------------
-
+# --- Augmentation: on uint8 batches already on the training device ----------------------------
 def make_augment(rotation, fit="pad", size=None):
     """Flip, rotation and light colour jitter (no hue shift: a blue Pikachu is no Pikachu). A v2
     transform on a batch draws one flip and angle for all of it, cheaper than one per image;
@@ -247,8 +240,7 @@ def make_augment(rotation, fit="pad", size=None):
     return v2.Compose([v2.RandomHorizontalFlip(), rotate, jitter])
 
 
-# --- Out: a grid of images as a PNG --------------------------------------------------------
-
+# --- Out: a grid of images as a PNG -----------------------------------------------------------
 def save_png(images, path, nrow=8):
     """A grid of images in [-1, 1] as a PNG, written whole or not at all."""
     def write(tmp):

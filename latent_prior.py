@@ -20,17 +20,16 @@ from tqdm import tqdm
 from vae_model import load_checkpoint, norm, rebuild
 
 
-# --- The network: a small U-Net over the latent image ----------------------------------------
-
+# --- The network: a small U-Net over the latent image -----------------------------------------
 class DenoiserBlock(nn.Module):
     """A residual block that also hears the noise level: a learned shift per channel."""
 
-    def __init__(self, in_channels, out_channels, time_dim):
+    def __init__(self, c_in, c_out, time_dim):
         super().__init__()
-        self.conv1 = nn.Sequential(norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
-        self.time = nn.Linear(time_dim, out_channels)
-        self.conv2 = nn.Sequential(norm(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv1 = nn.Sequential(norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.time = nn.Linear(time_dim, c_out)
+        self.conv2 = nn.Sequential(norm(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, t_embedding):
         h = self.conv1(x) + self.time(t_embedding)[:, :, None, None]
@@ -66,12 +65,16 @@ def levels_for(side):
 
 
 class Level(nn.Module):
-    """One resolution of the U-Net: two blocks, then down to the level below; on the way back
-    up, the skip of this level's features joins the two blocks going up."""
+    """One resolution of the U-Net: two blocks, then down to the level below (`below` channels);
+    on the way back up, the skip of this level's features joins the two blocks going up."""
 
-    def __init__(self, down, downsample, upsample, up):
+    def __init__(self, channels, below, time_dim):
         super().__init__()
-        self.down, self.downsample, self.upsample, self.up = down, downsample, upsample, up
+        self.down = nn.ModuleList([DenoiserBlock(channels, channels, time_dim) for _ in range(2)])
+        self.downsample = nn.Conv2d(channels, below, 3, stride=2, padding=1)
+        self.upsample = nn.Conv2d(below, channels, 3, padding=1)
+        self.up = nn.ModuleList([DenoiserBlock(2 * channels, channels, time_dim),
+                                 DenoiserBlock(channels, channels, time_dim)])
 
     def descend(self, h, e):
         """(what goes down to the level below, the skip this level keeps for the way up)"""
@@ -88,25 +91,18 @@ class Level(nn.Module):
         return h
 
 
-def make_level(channels, below, time_dim):
-    """A Level of `channels` above one of `below` channels."""
-    down = nn.ModuleList([DenoiserBlock(channels, channels, time_dim) for _ in range(2)])
-    downsample = nn.Conv2d(channels, below, 3, stride=2, padding=1)
-    upsample = nn.Conv2d(below, channels, 3, padding=1)
-    up = nn.ModuleList([DenoiserBlock(2 * channels, channels, time_dim),
-                        DenoiserBlock(channels, channels, time_dim)])
-    return Level(down, downsample, upsample, up)
-
-
-class LatentPrior(nn.Module):
+class LatentPrior(Level):
     """A U-Net over the latent image that predicts v = alpha * noise - sigma * z0 from a noised
     latent z_t = alpha * z0 + sigma * noise. Predicting v rather than the noise stays
-    well-posed at both ends of the schedule (Salimans and Ho 2022). `levels` resolutions
-    (levels_for: 2 for the 16 x 16 latent of 128 px): width channels at the latent's own,
-    2 * width below, self-attention at the lowest."""
+    well-posed at both ends of the schedule (Salimans and Ho 2022). The prior is the U-Net's
+    top Level (width channels at the latent's resolution); below it the inner levels
+    (levels_for: none for the 16 x 16 latent of 128 px), then, at 2 * width channels and the
+    lowest resolution, the middle blocks and self-attention."""
 
     def __init__(self, latent_channels=6, width=64, latent_mean=None, latent_std=None, levels=2):
-        super().__init__()
+        # Not Level's __init__: the top level's parts are built below, in the order and under
+        # the names they had before the U-Net could grow, so the same seed gives the same weights.
+        nn.Module.__init__(self)
         if levels < 2:
             raise ValueError(f"levels must be at least 2, got {levels}")
         self.config = dict(latent_channels=latent_channels, width=width, levels=levels)
@@ -119,20 +115,14 @@ class LatentPrior(nn.Module):
         w, t = width, 4 * width
         self.time = nn.Sequential(nn.Linear(w, t), nn.SiLU(), nn.Linear(t, t))
         self.inp = nn.Conv2d(latent_channels, w, 3, padding=1)
-        # The top level (h x w) is built here, part by part, under the names that checkpoints
-        # have held since before the U-Net could grow; the inner levels (h/2, h/4, ...; none
-        # at 16 x 16) in `inner`. Built in this order, the same seed gives the same weights.
         self.down = nn.ModuleList([DenoiserBlock(w, w, t), DenoiserBlock(w, w, t)])
         self.downsample = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
-        self.inner = nn.ModuleList([make_level(2 * w, 2 * w, t) for _ in range(levels - 2)])
+        self.inner = nn.ModuleList([Level(2 * w, 2 * w, t) for _ in range(levels - 2)])
         self.middle = nn.ModuleList([DenoiserBlock(2 * w, 2 * w, t) for _ in range(2)])
         self.attention = Attention(2 * w)
         self.upsample = nn.Conv2d(2 * w, w, 3, padding=1)
         self.up = nn.ModuleList([DenoiserBlock(2 * w, w, t), DenoiserBlock(w, w, t)])
         self.out = nn.Sequential(norm(w), nn.SiLU(), nn.Conv2d(w, latent_channels, 3, padding=1))
-        # Every level, top first: a plain list, so its parts are not registered a second time.
-        top = Level(self.down, self.downsample, self.upsample, self.up)
-        self.levels = [top, *self.inner]
 
     def embed_time(self, t):
         # Sinusoids of many frequencies, as for the positions of a transformer.
@@ -144,20 +134,19 @@ class LatentPrior(nn.Module):
     def forward(self, z_t, t):
         e = self.embed_time(t)
         h = self.inp(z_t)
-        skips = []
-        for level in self.levels:  # down
+        levels, skips = [self, *self.inner], []
+        for level in levels:  # down
             h, skip = level.descend(h, e)
             skips.append(skip)
         for block in self.middle:  # the lowest resolution, where attention sees the whole figure
             h = block(h, e)
         h = self.attention(h)
-        for level in reversed(self.levels):  # up: each skip brings back its level's detail
+        for level in reversed(levels):  # up: each skip brings back its level's detail
             h = level.ascend(h, skips.pop(), e)
         return self.out(h)
 
 
 # --- Noise schedule and loss ------------------------------------------------------------------
-
 def noise_schedule(t):
     """Cosine schedule (Nichol and Dhariwal 2021): at time t in [0, 1] a latent is
     alpha * z0 + sigma * noise with alpha^2 + sigma^2 = 1; t = 0 is clean, t = 1 pure noise."""
@@ -176,9 +165,9 @@ def prior_loss(prior, z0):
     return F.mse_loss(prior(alpha * z0 + sigma * noise, t), v)
 
 
-# --- Training ------------------------------------------------------------------------------------
-
-def fit_prior(codes, width, steps, batch_size, lr, generator, use_amp=False, stop=(), desc="learned prior"):
+# --- Training ---------------------------------------------------------------------------------
+def fit_prior(codes, width, steps, batch_size, lr, generator, use_amp=False, stop=(),
+              desc="learned prior"):
     """Train one LatentPrior on the codes (N, latent, h, w). Returns a moving average of its
     weights, which samples more cleanly than the last step's (as diffusion models have since
     Ho et al. 2020); None once `stop` is non-empty (Ctrl-C); raises FloatingPointError when the
@@ -207,8 +196,7 @@ def fit_prior(codes, width, steps, batch_size, lr, generator, use_amp=False, sto
     return ema.module.eval()
 
 
-# --- Sampling --------------------------------------------------------------------------------------
-
+# --- Sampling ---------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_prior(prior, noise, steps=200, guide=None, guidance=1.5, interval=(0.2, 0.7)):
     """Turn noise (B, latent, h, w) into latents of the first stage in `steps` deterministic
@@ -246,9 +234,7 @@ def load_prior(path, map_location="cpu"):
     checkpoint = load_checkpoint(path, map_location)
     parts = []
     for name in ("prior", "guide"):
-        if checkpoint.get(name) is None:
-            parts.append(None)
-            continue
+        entry = checkpoint.get(name)
         mismatch = f"{path} holds a {name} that does not fit its own config"
-        parts.append(rebuild(LatentPrior, checkpoint[name], mismatch).to(map_location))
+        parts.append(None if entry is None else rebuild(LatentPrior, entry, mismatch, map_location))
     return tuple(parts)

@@ -105,8 +105,7 @@ def save_grid(images, path, nrow, show):
         plt.show()
 
 
-# --- Default mode: reconstruct one image and show its latent --------------------------------
-
+# --- Default mode: reconstruct one image and show its latent ----------------------------------
 @torch.no_grad()
 def reconstruct(model, args, device, show):
     x = load_image(args.image, model).to(device)
@@ -132,8 +131,7 @@ def reconstruct(model, args, device, show):
     show_or_save(fig, args.out, show)
 
 
-# --- --generate: decode latents drawn from a prior -----------------------------------------------
-
+# --- --generate: decode latents drawn from a prior --------------------------------------------
 def fit_data_prior(model, images):
     """A diagonal Gaussian fitted to the latent means of real images: one mean and one std per
     latent element (ex-post density estimation, Ghosh et al. 2020). It puts samples where the
@@ -161,8 +159,8 @@ def pick_prior(args, device):
                   "--prior-guide-steps 0 or by an older version); sampling without autoguidance")
         return "learned", prior, guide
     if args.prior == "learned":
-        raise UserError(f"{args.model} holds no learned prior; train one with "
-                        "`python train_vae.py` (its stage two) or pass --prior normal or --prior data")
+        raise UserError(f"{args.model} holds no learned prior; train one with `python "
+                        "train_vae.py` (its stage two) or pass --prior normal or --prior data")
     print(f"note: {args.model} holds no learned prior (trained with --prior-steps 0 or by an "
           "older version); sampling from N(0, I) instead")
     return "normal", None, None
@@ -191,8 +189,7 @@ def generate(model, args, device, show):
     save_grid(model.decode(z), args.out, min(8, args.generate), show)
 
 
-# --- --interpolate: walk the straight line between two images' latent means ----------------
-
+# --- --interpolate: walk the straight line between two images' latent means -------------------
 @torch.no_grad()
 def interpolation(model, a, b, steps):
     mu_a, mu_b = model.encode(a)[0], model.encode(b)[0]
@@ -215,8 +212,7 @@ def interpolate(model, args, device, show):
     save_grid(frames, args.out, args.steps, show)
 
 
-# --- --latent-map: every image of a folder at its place in the latent space (PCA to 2-D) ---
-
+# --- --latent-map: every image of a folder at its place in the latent space (PCA to 2-D) ------
 def latent_positions(mus):
     """Each latent mean's coordinates on the two principal axes of the set: the first two
     right-singular vectors of the centred means. An axis has no sign of its own, so each is
@@ -237,18 +233,16 @@ def latent_map(model, args, device, show):
     for (x, y), image in zip(xy, images):
         thumbnail = OffsetImage(to_picture(image), zoom=zoom)
         axis.add_artist(AnnotationBbox(thumbnail, (x, y), frameon=False))
-    title = f"{len(images)} images placed by the first two principal components of their latent means"
-    axis.set(title=title, xlabel="PC 1", ylabel="PC 2")
+    axis.set(title=f"{len(images)} images placed by the first two principal components of their "
+             "latent means", xlabel="PC 1", ylabel="PC 2")
     show_or_save(fig, args.out, show)
 
 
-# --- Command line ---------------------------------------------------------------------------
-
-# A flag that only some modes use, and the mode that needs it: given to another mode, it is an
-# error, not ignored, since the user expects it to act.
-MODE_OF = {"prior": "--generate N", "sample_steps": "--generate N", "guidance": "--generate N",
-           "guidance_interval": "--generate N", "temperature": "--generate N",
-           "steps": "--interpolate A B"}
+# --- Command line -----------------------------------------------------------------------------
+# The flags that only one mode uses: given to another mode, each is an error, not ignored, since
+# the user expects it to act. The learned prior's own among them are errors with another prior.
+GENERATE_ONLY = ("prior", "sample_steps", "guidance", "guidance_interval", "temperature")
+LEARNED_PRIOR_ONLY = ("sample_steps", "guidance", "guidance_interval")
 
 
 def parse_args(argv=None):
@@ -259,13 +253,10 @@ def parse_args(argv=None):
     add("--out", help="where to save the figure (default: per mode, in vae_results/)")
     add("--no-show", action="store_true", help="only save, never open a window")
     add("--device", default="auto", help="auto, cuda, mps or cpu")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--generate", type=positive_int, metavar="N",
-                      help="decode N latents from a prior")
-    mode.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
-                      help="walk from image A to image B")
-    mode.add_argument("--latent-map", metavar="FOLDER",
-                      help="map a folder's images in latent space")
+    add_mode = p.add_mutually_exclusive_group().add_argument
+    add_mode("--generate", type=positive_int, metavar="N", help="decode N latents from a prior")
+    add_mode("--interpolate", nargs=2, metavar=("A", "B"), help="walk from image A to image B")
+    add_mode("--latent-map", metavar="FOLDER", help="map a folder's images in latent space")
     add("--prior", choices=["learned", "normal", "data"],
         help="--generate from the learned prior stored with the model (the default), from "
              "N(0, I), or from a Gaussian fitted to --data")
@@ -295,26 +286,23 @@ def check_mode_flags(p, args):
                 f"got {args.guidance_interval}")
     if args.steps < 2:
         p.error(f"argument --steps: needs at least 2 points (the two ends), got {args.steps}")
-    changed = [key for key in MODE_OF if getattr(args, key) != p.get_default(key)]
-    used = {"--generate N": args.generate, "--interpolate A B": args.interpolate}
+    changed = [key for key in GENERATE_ONLY + ("steps",)
+               if getattr(args, key) != p.get_default(key)]
+    uses = {"--generate N": args.generate, "--interpolate A B": args.interpolate}
     for key in changed:
-        if not used[MODE_OF[key]]:
-            p.error(f"argument {as_flag(key)}: only {MODE_OF[key].split()[0]} uses it; "
-                    f"add {MODE_OF[key]}")
-    learned_only = [key for key in ("sample_steps", "guidance", "guidance_interval")
-                    if key in changed]
+        flag = "--" + key.replace("_", "-")
+        mode = "--interpolate A B" if key == "steps" else "--generate N"
+        if not uses[mode]:
+            p.error(f"argument {flag}: only {mode.split()[0]} uses it; add {mode}")
+    learned_only = [key for key in LEARNED_PRIOR_ONLY if key in changed]
     if learned_only and args.prior in ("normal", "data"):
-        p.error(f"argument {as_flag(learned_only[0])}: only the learned prior uses it, not "
-                f"--prior {args.prior}")
+        flag = "--" + learned_only[0].replace("_", "-")
+        p.error(f"argument {flag}: only the learned prior uses it, not --prior {args.prior}")
     if args.prior == "data" and not args.data:
         p.error("argument --prior: data needs --data FOLDER, the images to fit it to")
     if args.data and args.prior != "data":
         p.error("argument --data: only --prior data uses it (the images it is fitted to); "
                 "add --prior data or drop --data")
-
-
-def as_flag(key):
-    return "--" + key.replace("_", "-")
 
 
 def main():

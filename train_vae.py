@@ -4,10 +4,9 @@ Train the VAE of vae_model.py on Pokémon images, then a learned prior over its 
     python train_vae.py                          # the Hugging Face Hub data set
     python train_vae.py --data path/to/folder    # any folder of images, offline
 
-Read top to bottom: the settings and how this machine resolves them, one epoch,
-evaluation and pictures, stage two (the prior of latent_prior.py), and train(), which runs them
-in the order the data meets them; then resuming, Ctrl-C and the command line, which a first
-reading can skip. The images come from image_data.py, the shared plumbing from cli.py.
+Read top to bottom: the settings, one epoch, evaluation and pictures, stage two (the prior of
+latent_prior.py), and train(), which runs them in the order the data meets them; then faults
+and the command line, which a first reading can skip. The images come from image_data.py.
 """
 import argparse
 import json
@@ -17,6 +16,7 @@ import shlex
 import signal
 import sys
 import time
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -42,7 +42,7 @@ CPU_BATCH_SIZE = 2        # used instead of BATCH_SIZE without a CUDA GPU: more,
 LEARNING_RATE = 2e-3      # peak learning rate of the one-cycle schedule
 WARMUP = 0.3              # share of the steps in which the learning rate climbs to its peak
 KL_WEIGHT = 0.02          # weight of the KL term against the summed reconstruction error
-LATENT_CHANNELS = 6       # channels of the latent (H/8 x W/8): more are sharper, fewer easier to model
+LATENT_CHANNELS = 6       # latent channels, at H/8 x W/8: more are sharper, fewer easier to model
 CHANNELS = [32, 64, 128]  # widths at 1/2, 1/4 and 1/8 of the image size (the decoder mirrors them)
 VAL_FRACTION = 0.05       # share of images held out, never augmented, for validation
 SAVE_EVERY = 10           # epochs between reconstruction / sample grids
@@ -64,9 +64,8 @@ GRID_IMAGES = 8           # validation images shown in each reconstruction grid
 
 
 def settings(args, device):
-    """The settings this run uses, said in its first line: the flags, and the defaults above
-    for this device where --image-size, --epochs or --batch-size is not given (without a CUDA
-    GPU the CPU ones: 512 px costs 16x the work per image of 128 px, far beyond a laptop's hour)."""
+    """The settings this run uses, said in its first line: the flags, else the defaults above for
+    this device (without a CUDA GPU the CPU's: 512 px costs 16x the work per image of 128 px)."""
     cpu = device.type != "cuda"
     unset = [f"--{key.replace('_', '-')}" for key in ("image_size", "epochs", "batch_size")
              if not getattr(args, key)]
@@ -86,8 +85,7 @@ def settings(args, device):
     return args
 
 
-# --- One epoch of training ----------------------------------------------------------------------
-
+# --- One epoch of training --------------------------------------------------------------------
 def train_one_epoch(model, images, index, augment, optimizer, scheduler, shuffle, args, device,
                     epoch):
     """One pass over images[index], shuffled; the mean MSE and KL per image, summed on the
@@ -110,8 +108,7 @@ def train_one_epoch(model, images, index, augment, optimizer, scheduler, shuffle
     return (sums / len(batches)).tolist()
 
 
-# --- Evaluation and pictures ----------------------------------------------------------------------
-
+# --- Evaluation and pictures ------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, images, device, kl_weight, batch_size=32):
     """Validation loss, MSE, KL and PSNR per image, decoding mu (the deterministic output)."""
@@ -125,8 +122,7 @@ def evaluate(model, images, device, kl_weight, batch_size=32):
         values = [loss.item(), mse.item(), kl.item(), psnr(recon, x)]
         totals += torch.tensor(values, dtype=torch.float64) * len(x)
     model.train()
-    names = ("val_loss", "val_mse", "val_kl", "val_psnr")
-    return dict(zip(names, (totals / len(images)).tolist()))
+    return dict(zip(("val_loss", "val_mse", "val_kl", "val_psnr"), (totals / len(images)).tolist()))
 
 
 @torch.no_grad()
@@ -142,10 +138,9 @@ def save_pictures(model, grid_images, noise, epoch, results_dir):
 
 
 def write_metrics(metrics, results_dir):
-    def write(tmp):
-        with open(tmp, "w") as file:
-            file.writelines(json.dumps(row) + "\n" for row in metrics)
-    atomic_write(os.path.join(results_dir, "metrics.jsonl"), write)
+    lines = "".join(json.dumps(row) + "\n" for row in metrics)
+    path = os.path.join(results_dir, "metrics.jsonl")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(lines))
 
 
 def plot_loss_curve(metrics, results_dir):
@@ -166,15 +161,14 @@ def plot_loss_curve(metrics, results_dir):
 
 
 # --- Stage two: a learned prior over the trained VAE's latent space ---------------------------
-
 def stage_two(model, images, index, args, device, stop, noise):
     """Fit the prior to the latent means of the training images and of their mirror images (a
     Pokémon facing the other way is still a Pokémon). Not to the training augmentation: the
     prior draws whatever its codes show, and a rotated copy shows a tilted frame, a darker one
     a grey background. Means, not samples z ~ q(z|x): the posterior's noise is about as large
     as the means' spread, and the decoder ignores it. Then the guide, smaller and shorter, on
-    the same codes (it trains after the prior, which thus trains as it would alone). Saves both
-    with the VAE and draws their samples; False if Ctrl-C stopped it."""
+    the same codes (after the prior, which thus trains as it would alone); both are saved with
+    the VAE. False if Ctrl-C stopped it."""
     tick = time.perf_counter()
     model.eval()
     mus = []
@@ -209,18 +203,16 @@ def stage_two(model, images, index, args, device, stop, noise):
     return True
 
 
-# --- The run: the pieces above, in the order the data meets them ------------------------
-
+# --- The run: the pieces above, in the order the data meets them ------------------------------
 def train(args):
     """Train the VAE, then its prior; returns the exit status (130 after Ctrl-C)."""
     device = pick_device(args.device)
     checkpoint_path = os.path.join(args.results_dir, "checkpoint.pth")
-    resumed = load_resumable(checkpoint_path) if args.resume else None
-    args = settings(resumed_args(args, resumed) if resumed else args, device)
+    args, resumed = resume_settings(args, checkpoint_path) if args.resume else (args, None)
+    args = settings(args, device)
     check_writable(args.out, "--out")
     check_writable(checkpoint_path, "--results-dir")
     images, train_rows, val_images = load_data(args, device)
-
     # The model; channels_last (NHWC) is the layout oneDNN's and cuDNN's convolutions prefer.
     model = VAE(args.image_size, args.latent_channels, args.channels, args.fit)
     model = model.to(device, memory_format=torch.channels_last)
@@ -274,7 +266,7 @@ def train(args):
             return 130
 
     plot_loss_curve(metrics, args.results_dir)
-    save_checkpoint(vae_checkpoint(model), args.out)  # before stage two: Ctrl-C there costs no VAE
+    save_checkpoint(vae_checkpoint(model), args.out)  # first: Ctrl-C in stage two costs no VAE
     print(f"VAE done in {metrics[-1]['elapsed_s'] / 60:.1f} min: val PSNR "
           f"{metrics[-1]['val_psnr']:.2f} dB, val KL {metrics[-1]['val_kl']:.0f} nats per image; "
           f"saved to {args.out}")
@@ -285,8 +277,7 @@ def train(args):
 
 
 def load_data(args, device):
-    """The images decoded once into the cache and split; returns the training images and
-    their rows (on a GPU where they fit), and the validation images, on the device."""
+    """(training images and rows, on a GPU if they fit; validation images, on the device)"""
     files = image_files(args.data)
     images = cached_images(files, args.image_size, args.fit, args.data, args.cache_dir)
     os.makedirs(args.results_dir, exist_ok=True)  # only now, so that a bad input changes no file
@@ -300,8 +291,7 @@ def load_data(args, device):
     return images, train_rows, val_images
 
 
-# --- Faults: divergence, resuming, Ctrl-C (not needed to follow the VAE) ---------------------
-
+# --- Faults: divergence, resuming, Ctrl-C (not needed to follow the VAE) ----------------------
 def check_finite(row, model, args, epoch):
     """A non-finite loss or weight is never saved: the last good checkpoint stays as it is."""
     weights_finite = all(p.isfinite().all() for p in model.parameters())
@@ -314,17 +304,15 @@ def check_finite(row, model, args, epoch):
                     f"is kept in {args.results_dir}")
 
 
-def load_resumable(checkpoint_path):
+def resume_settings(args, checkpoint_path):
+    """(the settings, the checkpoint) of the run to resume: it goes on as it started; the device,
+    --results-dir, --cache-dir, and --out and the prior's flags where given (stage two starts
+    afresh) are this command line's. Other flags that differ are named and ignored."""
     try:
-        return load_checkpoint(checkpoint_path)
+        checkpoint = load_checkpoint(checkpoint_path)
     except (FileNotFoundError, CheckpointError):
         raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
                         "start a new run without --resume") from None
-
-
-def resumed_args(args, checkpoint):
-    """The run goes on as it started; the device, --results-dir, --cache-dir, and --out and the
-    prior's flags where given (stage two starts afresh) are this command line's, said if not."""
     defaults = vars(parse_args([]))
     given = {key: value for key, value in vars(args).items() if value != defaults[key]}
     fresh = {key: value for key, value in given.items()
@@ -336,12 +324,11 @@ def resumed_args(args, checkpoint):
     if ignored:
         print(f"note: a resumed run keeps the settings it started with; ignoring "
               f"{', '.join(ignored)}")
-    return argparse.Namespace(**{**vars(args), **checkpoint["args"], **fresh})
+    return argparse.Namespace(**{**vars(args), **checkpoint["args"], **fresh}), checkpoint
 
 
 def restore(checkpoint, model, optimizer, scheduler, shuffle):
-    """Everything that changes during training, so that the run goes on exactly; returns the
-    epoch it was saved after and the metrics so far."""
+    """Everything that changes during training; returns the epoch saved and the metrics so far."""
     for part, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")):
         part.load_state_dict(checkpoint[key])
     shuffle.set_state(checkpoint["shuffle_state"])
@@ -360,7 +347,6 @@ def stop_on_ctrl_c():
     """The flag `stop`, a list empty until Ctrl-C: the epoch (or prior step) under way ends, is
     saved, and the run stops cleanly. A second Ctrl-C stops at once; every save is atomic."""
     stop = []
-
     def on_ctrl_c(signum, frame):
         stop.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -370,8 +356,7 @@ def stop_on_ctrl_c():
     return stop
 
 
-# --- Command line: every setting above has a flag, and the constant is its default -----------
-
+# --- Command line: every setting above has a flag, and the constant is its default ------------
 multiple_of_8 = checked(int, lambda v: v > 0 and v % 8 == 0,
                         "a positive multiple of 8 (the encoder halves the image three times)")
 angle = checked(float, lambda v: 0 <= v <= 180, "an angle from 0 to 180 degrees")

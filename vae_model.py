@@ -14,8 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# --- Building block ------------------------------------------------------------------------
-
+# --- Building block ---------------------------------------------------------------------------
 def norm(channels):
     # GroupNorm instead of BatchNorm: it does not depend on the batch, so a batch of 2 on a
     # laptop, a batch of 1 in sample_vae.py and train/eval mode all behave the same. Up to 32
@@ -38,8 +37,7 @@ class ResBlock(nn.Module):
         return x + self.block(x)
 
 
-# --- Encoder: image (B, 3, H, W) in [-1, 1]  ->  mu, log_var, each (B, latent, H/8, W/8) ---
-
+# --- Encoder: image (B, 3, H, W) in [-1, 1]  ->  mu, log_var, each (B, latent, H/8, W/8) ------
 class Encoder(nn.Module):
     def __init__(self, latent_channels=6, channels=(32, 64, 128)):
         super().__init__()
@@ -63,8 +61,7 @@ class Encoder(nn.Module):
         return mu, log_var.clamp(-30.0, 20.0)
 
 
-# --- Decoder: latent z (B, latent, H/8, W/8)  ->  image (B, 3, H, W) in [-1, 1] ------------
-
+# --- Decoder: latent z (B, latent, H/8, W/8)  ->  image (B, 3, H, W) in [-1, 1] ---------------
 def upsample(in_channels, out_channels):
     # Nearest upsampling + conv rather than ConvTranspose2d: a stride-2 transposed conv
     # overlaps its kernels unevenly and paints a checkerboard on the image.
@@ -91,8 +88,7 @@ class Decoder(nn.Module):
         return self.body(z)
 
 
-# --- The VAE: encoder, reparameterization trick, decoder -----------------------------------
-
+# --- The VAE: encoder, reparameterization trick, decoder --------------------------------------
 class VAE(nn.Module):
     def __init__(self, image_size=128, latent_channels=6, channels=(32, 64, 128), fit="pad"):
         super().__init__()
@@ -127,8 +123,7 @@ class VAE(nn.Module):
         return self.decode(z), mu, log_var
 
 
-# --- Loss: reconstruction + kl_weight * KL(q(z|x) || N(0, I)) ------------------------------
-
+# --- Loss: reconstruction + kl_weight * KL(q(z|x) || N(0, I)) ---------------------------------
 def vae_loss(recon, x, mu, log_var, kl_weight=1.0):
     """Returns (total, reconstruction, kl), each a scalar per image (averaged over the batch).
     kl_weight=1 is the plain negative evidence lower bound; train_vae.py passes its KL_WEIGHT.
@@ -158,8 +153,7 @@ def psnr(recon, x):
     return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
 
 
-# --- Checkpoints: the config travels with the weights --------------------------------------
-
+# --- Checkpoints: the config travels with the weights -----------------------------------------
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, foreign or does not fit its own config."""
 
@@ -209,20 +203,20 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
-def rebuild(model_class, entry, mismatch):
-    """model_class(**config) with the entry's weights, in eval mode. `mismatch` is the sentence
-    for a config or weights that do not fit; the error's first line is added to it."""
+def rebuild(model_class, entry, mismatch, device="cpu"):
+    """model_class(**config) with the entry's weights, on `device`, in eval mode. `mismatch` is
+    the sentence for a config or weights that do not fit; the error's first line is added."""
     try:
         model = model_class(**entry["config"])
         model.load_state_dict(entry["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0]
         raise CheckpointError(f"{mismatch} ({first_line})") from error
-    return model.eval()
+    return model.to(device).eval()
 
 
 def load_vae(path, map_location="cpu"):
     """Rebuild the trained VAE from `path`, on the device `map_location`."""
     checkpoint = load_checkpoint(path, map_location)
     mismatch = f"{path} holds weights that do not fit its own config"
-    return rebuild(VAE, checkpoint, mismatch).to(map_location)
+    return rebuild(VAE, checkpoint, mismatch, map_location)

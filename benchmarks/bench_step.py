@@ -92,7 +92,7 @@ def main():
         ("ColorJitter(0.1, 0.1, 0.1, hue=0.02)", v2.ColorJitter(0.1, 0.1, 0.1, 0.02)),
     ]:
         print(f"| {name} | {augment_cost(args.image_size, transform):.2f} |")
-    print(f"| image_data.make_augment(ROTATION), one call per image | "
+    print(f"| image_data.make_augment(), one call per image | "
           f"{augment_cost(args.image_size, make_augment(ROTATION)):.2f} |")
     batch = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)
     augment = make_augment(ROTATION)
@@ -100,7 +100,7 @@ def main():
     tick = time.perf_counter()
     for _ in range(20):
         augment(batch)
-    print(f"| image_data.make_augment(ROTATION), one call per batch of {args.batch_size} (what training does) | "
+    print(f"| image_data.make_augment(), one call per batch of {args.batch_size} (what training does) | "
           f"{(time.perf_counter() - tick) / (20 * args.batch_size) * 1000:.2f} |")
 
 
