@@ -38,7 +38,6 @@ import image_data  # noqa: E402
 import sample_vae  # noqa: E402
 import train_vae  # noqa: E402
 from latent_prior import load_prior, sample_prior  # noqa: E402
-from vae_model import load_vae  # noqa: E402
 
 SAMPLES = 256          # samples per row (and real images in the floor row)
 LAYOUT_SIZE = 32       # px, side of the images the layout distance compares

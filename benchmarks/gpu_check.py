@@ -199,7 +199,6 @@ def main():
     sys.path.insert(0, ROOT)
     import torch  # only now: the install above may have brought it
     import cli
-    import image_data
     import train_vae
     if not args.cpu and not torch.cuda.is_available():
         log("error: no CUDA GPU is visible to torch here; run on a machine with one, or pass --cpu")

@@ -1,7 +1,6 @@
 """image_data.py: finding the images of a folder or of the Hub's table, opening any image as
 RGB on white and upright, making it square, the decode-once cache, augmentation, and where the
 training images live."""
-import io
 import os
 import shutil
 
