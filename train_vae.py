@@ -4,9 +4,9 @@ Train the VAE of vae_model.py on Pokémon images, then a learned prior over its 
     python train_vae.py                          # the Hugging Face Hub data set
     python train_vae.py --data path/to/folder    # any folder of images, offline
 
-Read top to bottom: the settings, one epoch, evaluation and pictures, stage two (the prior of
-latent_prior.py), and train(), which runs them in the order the data meets them; then faults
-and the command line, which a first reading can skip. The images come from image_data.py.
+Read top to bottom: the settings, the data, one epoch, evaluation and pictures, stage two (the
+prior of latent_prior.py), and train(), which runs them in the order the data meets them; then
+faults and the command line, which a first reading can skip. image_data.py holds the images.
 """
 import argparse
 import json
@@ -83,6 +83,22 @@ def settings(args, device):
                  f"{EPOCHS} epochs, batch {BATCH_SIZE})")
     print(line)
     return args
+
+
+# --- The data: decoded once into the cache, split, placed ---------------------------------
+def load_data(args, device):
+    """(training images and rows, on a GPU if they fit; validation images, on the device)"""
+    files = image_files(args.data)
+    images = cached_images(files, args.image_size, args.fit, args.data, args.cache_dir)
+    os.makedirs(args.results_dir, exist_ok=True)  # only now, so that a bad input changes no file
+    torch.manual_seed(args.seed)
+    train_rows, val_rows = split(len(images), args.val_fraction, args.seed)
+    print(f"{len(train_rows)} training and {len(val_rows)} validation images from {args.data}")
+    val_images = images[val_rows].to(device)
+    images, train_rows = place_images(images, train_rows, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
+    return images, train_rows, val_images
 
 
 # --- One epoch of training --------------------------------------------------------------------
@@ -274,21 +290,6 @@ def train(args):
         return 130
     print(f"pictures and metrics in {args.results_dir}/")
     return 0
-
-
-def load_data(args, device):
-    """(training images and rows, on a GPU if they fit; validation images, on the device)"""
-    files = image_files(args.data)
-    images = cached_images(files, args.image_size, args.fit, args.data, args.cache_dir)
-    os.makedirs(args.results_dir, exist_ok=True)  # only now, so that a bad input changes no file
-    torch.manual_seed(args.seed)
-    train_rows, val_rows = split(len(images), args.val_fraction, args.seed)
-    print(f"{len(train_rows)} training and {len(val_rows)} validation images from {args.data}")
-    val_images = images[val_rows].to(device)
-    images, train_rows = place_images(images, train_rows, device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
-    return images, train_rows, val_images
 
 
 # --- Faults: divergence, resuming, Ctrl-C (not needed to follow the VAE) ----------------------
