@@ -45,14 +45,14 @@ def make_folder(folder, count=12, size=(48, 40)):
     return str(folder)
 
 
-def run_script(script, *args, cwd=None, env=None, timeout=300):
-    """Run one of the project's scripts as a user would, headless and offline."""
+def run_script(script, *args, cwd=None, env=None, timeout=300, root=ROOT):
+    """Run one of the project's scripts (in `root`) as a user would, headless and offline."""
     full_env = {**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "HF_HOME": HF_HOME,
                 "XDG_CACHE_HOME": CACHE_HOME}
     for name in ("DISPLAY", "WAYLAND_DISPLAY") + PROXIES:  # no window; and no test goes out to the network
         full_env.pop(name, None)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+    return subprocess.run([sys.executable, os.path.join(root, script), *map(str, args)],
                           cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
 

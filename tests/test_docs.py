@@ -5,13 +5,15 @@ import ast
 import glob
 import os
 import re
+import shlex
+import shutil
 import subprocess
 
 import pytest
 
 import sample_vae
 import train_vae
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 
 def flags(script):
@@ -137,3 +139,43 @@ def test_the_readme_names_every_file_and_each_stays_readable():
         assert not long and len(lines) <= 420, (name, long, len(lines))
         total += len(lines)
     assert total <= 1550, total
+
+
+def readme_commands():
+    """The `python train_vae.py` and `python sample_vae.py` lines of README.md's bash blocks."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as file:
+        blocks = re.findall(r"```bash\n(.*?)```", file.read(), re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line.startswith(("python train_vae.py", "python sample_vae.py"))]
+
+
+def test_the_readme_commands_change_no_file_that_git_tracks(tmp_path, image_folder):
+    """Each command of the README, in a fresh copy of the repository, on a small folder of
+    images and with small sizes added (the last flag wins), leaves `git status` clean."""
+    listing = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listing.returncode != 0:
+        pytest.skip("not a git checkout (a downloaded archive): nothing to compare with")
+    clone = tmp_path / "clone"
+    for name in listing.stdout.splitlines():
+        os.makedirs(os.path.dirname(clone / name), exist_ok=True)
+        shutil.copy(os.path.join(ROOT, name), clone / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "clone"]):
+        subprocess.run(git + command, cwd=clone, check=True, capture_output=True)
+    images = sorted(os.path.join(image_folder, name) for name in os.listdir(image_folder))
+    small = {"train_vae.py": ["--data", image_folder, "--image-size", 32, "--epochs", 1, "--batch-size", 4,
+                              "--prior-steps", 3, "--prior-guide-steps", 2, "--prior-width", 8,
+                              "--prior-guide-width", 8, "--device", "cpu"],
+             "sample_vae.py": ["--no-show", "--device", "cpu"]}
+    commands = readme_commands()
+    assert len(commands) >= 8 and "python train_vae.py" in commands
+    for command in commands:
+        words = shlex.split(command.replace("path/to/images", image_folder)
+                            .replace("../shared/pokemon", image_folder)
+                            .replace("a.png b.png", f"{images[0]} {images[1]}"))
+        learned = "--generate" in words and "--prior" not in words  # the learned prior: fewer steps
+        extra = small[words[1]] + (["--sample-steps", 2] if learned else [])
+        result = run_script(words[1], *words[2:], *extra, cwd=clone, root=clone)
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True)
+    assert status.stdout == "", status.stdout
