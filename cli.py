@@ -1,7 +1,5 @@
-"""
-What the command lines of train_vae.py and sample_vae.py share: the one-sentence error a user
-can fix, checked flag values, the device and its precision, and that an output can be written.
-"""
+"""What the command lines of train_vae.py and sample_vae.py share: the one-sentence error a
+user can fix, checked flag values, the device and its precision, that an output can be written."""
 import argparse
 import os
 import sys
@@ -14,9 +12,12 @@ class UserError(Exception):
     """A mistake the user can fix: run_main prints it as one sentence and exits with status 2."""
 
 
+def counted(n, noun):
+    return f"{n} {noun}" + ("" if n == 1 else "s")  # 1 epoch, 2 epochs
+
+
 def run_main(main):
-    """sys.exit(main()), except that a UserError ends in one sentence and exit status 2, and
-    Ctrl-C before the work began (or a second one) in one line and status 130: no traceback."""
+    """sys.exit(main()); a UserError ends in one sentence and status 2, Ctrl-C in status 130."""
     try:
         sys.exit(main())
     except UserError as error:
@@ -54,6 +55,9 @@ def pick_device(name):
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise UserError(f"the device {name!r} is not one these scripts run on; use --device auto, "
+                        "cpu, cuda (cuda:1 for the second GPU) or mps")
     try:
         torch.empty(1, device=name)  # the one sure test that the device exists here
     except (RuntimeError, AssertionError) as error:  # a bad name, or no such device or driver

@@ -1,8 +1,6 @@
-"""
-The images, from files to the tensors the VAE sees, prepared the same way for training and
+"""The images, from files to the tensors the VAE sees, prepared the same way for training and
 sampling: finding them (a folder, or the Hub), opening one (RGB on white, upright), making it
-square, the decode-once cache, the split, augmented batches on the device; a grid as a PNG.
-"""
+square, the decode-once cache, the split, augmented batches on the device; a grid as a PNG."""
 import glob
 import hashlib
 import io
@@ -20,7 +18,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from cli import UserError
+from cli import UserError, counted
 from vae_model import atomic_write
 
 DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "vae_pokemon")
@@ -118,18 +116,19 @@ def to_model_range(batch_uint8):
 # --- The cache: every image decoded once into a file on disk ----------------------------------
 def cached_images(files, size, fit, source, cache_dir):
     """All images as one uint8 tensor (N, 3, size, size), decoded once into a file on disk and
-    memory-mapped from then on: the page cache holds the pixels, not this process, so memory
-    does not grow with the data set."""
+    memory-mapped from then on: the page cache holds them, so memory does not grow with them."""
     path = cache_path(files, size, fit, source, cache_dir)
     try:  # copy-on-write: writable as torch wants, never written
         images = np.load(path, mmap_mode="c")
     except (OSError, ValueError, EOFError):  # none yet, or cut short (numpy checks the size)
-        print(f"decoding {len(files)} files once, at {size} px ({fit}), into the cache {path}")
+        print(f"decoding {counted(len(files), 'file')} once, at {size} px ({fit}), into the cache "
+              f"{path}")
         images = build_cache(files, size, fit, path)
     skipped = len(files) - len(images)
-    print(f"{len(images)} images at {size} px ({fit}) cached in {path}"
+    print(f"{counted(len(images), 'image')} at {size} px ({fit}) cached in {path}"
           + (f"; skipped {skipped} file(s) that are not readable images" if skipped else ""))
     if len(images) < 2:
+        os.remove(path)  # no cache is left of a folder that cannot be trained on
         raise UserError(f"{source} holds {len(images)} readable image(s) and at least 2 are "
                         "needed; add images or pass another folder")
     return torch.from_numpy(images)
@@ -178,9 +177,9 @@ def build_cache(files, size, fit, path):
     try:
         os.makedirs(folder, exist_ok=True)
         if shutil.disk_usage(folder).free < need + 2**26:
-            raise UserError(f"caching {len(files)} images at {size} px needs {need / 1e9:.2f} GB "
-                            f"free in {folder}; make room there or pass --cache-dir with a "
-                            "folder on another disk")
+            raise UserError(f"caching {counted(len(files), 'image')} at {size} px needs "
+                            f"{need / 1e9:.2f} GB free in {folder}; make room there or pass "
+                            "--cache-dir with a folder on another disk")
         atomic_write(path, write)
     except OSError as error:
         raise UserError(f"cannot write the image cache in {folder} ({error.strerror or error}); "
@@ -200,9 +199,8 @@ def split(count, fraction, seed):
 
 # --- Batches on the training device -----------------------------------------------------------
 def place_images(images, index, device):
-    """Where the training images images[index] live, and their indices there: on a GPU where
-    they take at most GPU_DATA_SHARE of its free memory (a batch is then an index into them,
-    nothing is copied per step), else in the cache."""
+    """Where images[index] live for training, and their indices there: on a GPU where they take
+    at most GPU_DATA_SHARE of its free memory (no copy per step), else in the cache."""
     if device.type != "cuda":
         return images, index
     megabytes = len(index) * images[0].numel() / 1e6
@@ -219,8 +217,7 @@ def fetch(images, pick, device):
     """One batch of uint8 images on the device. For a GPU it is gathered straight into pinned
     memory (PyTorch caches those buffers): its copy runs while the GPU works on the last step."""
     if images.device.type == "cpu" and device.type == "cuda":
-        shape = (len(pick),) + images.shape[1:]
-        pinned = torch.empty(shape, dtype=images.dtype, pin_memory=True)
+        pinned = torch.empty((len(pick),) + images.shape[1:], dtype=images.dtype, pin_memory=True)
         return torch.index_select(images, 0, pick, out=pinned).to(device, non_blocking=True)
     return images[pick].to(device)
 

@@ -31,7 +31,7 @@ from vae_model import CheckpointError, atomic_write, load_vae, psnr, vae_loss
 
 # -----------------------------------------------------------------------------------------------
 MODEL_PATH = "vae_model.pth"                 # checkpoint written by train_vae.py
-IMAGE_PATH = "pokemon_sample_test.png"       # image to reconstruct
+IMAGE_PATH = "pokemon_sample_test.png"       # image to reconstruct, found beside this script
 OUTPUT_PATH = "vae_results/sample_reconstruction.png"  # figure of the default mode
 GENERATED_PATH = "vae_results/generated.png"           # grid of --generate
 INTERPOLATION_PATH = "vae_results/interpolation.png"   # strip of --interpolate (GIF beside it)
@@ -249,7 +249,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Reconstruct, generate and explore with a trained VAE.")
     add = p.add_argument
     add("--model", default=MODEL_PATH, help="checkpoint written by train_vae.py")
-    add("--image", default=IMAGE_PATH, help="image to reconstruct (default mode)")
+    add("--image", default=os.path.join(os.path.dirname(__file__), IMAGE_PATH),
+        help="image to reconstruct (default mode)")
     add("--out", help="where to save the figure (default: per mode, in vae_results/)")
     add("--no-show", action="store_true", help="only save, never open a window")
     add("--device", default="auto", help="auto, cuda, mps or cpu")

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm import tqdm
 
-from cli import (UserError, bf16_is_fast, check_writable, checked, fraction, pick_device,
+from cli import (UserError, bf16_is_fast, check_writable, checked, counted, fraction, pick_device,
                  positive_float, positive_int, run_main, steps_or_0)
 from image_data import (DEFAULT_CACHE_DIR, cached_images, fetch, image_files, make_augment,
                         place_images, save_png, split, to_model_range)
@@ -73,7 +73,8 @@ def settings(args, device):
     args.epochs = args.epochs or (CPU_EPOCHS if cpu else EPOCHS)
     args.batch_size = args.batch_size or (CPU_BATCH_SIZE if cpu else BATCH_SIZE)
     args.use_amp = args.amp == "on" or (args.amp == "auto" and bf16_is_fast(device))
-    line = f"device {device}: {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}"
+    epochs = counted(args.epochs, "epoch")
+    line = f"device {device}: {args.image_size} px, {epochs}, batch {args.batch_size}"
     if args.use_amp:
         line += ", bfloat16 autocast"
     if args.compile:
@@ -182,9 +183,8 @@ def stage_two(model, images, index, args, device, stop, noise):
     Pokémon facing the other way is still a Pokémon). Not to the training augmentation: the
     prior draws whatever its codes show, and a rotated copy shows a tilted frame, a darker one
     a grey background. Means, not samples z ~ q(z|x): the posterior's noise is about as large
-    as the means' spread, and the decoder ignores it. Then the guide, smaller and shorter, on
-    the same codes (after the prior, which thus trains as it would alone); both are saved with
-    the VAE. False if Ctrl-C stopped it."""
+    as the means' spread, and the decoder ignores it. Then the guide, smaller and shorter, on the
+    same codes, after the prior (which trains as alone); both go with the VAE. False on Ctrl-C."""
     tick = time.perf_counter()
     model.eval()
     mus = []
@@ -277,8 +277,9 @@ def train(args):
                          "shuffle_state": shuffle.get_state(), "rng_state": torch.get_rng_state(),
                          "args": vars(args)}, checkpoint_path)
         if stop:
-            print(f"interrupted after epoch {epoch}; epochs 1-{epoch} are saved in "
-                  f"{checkpoint_path}: continue with `{resume_command(args)}`", file=sys.stderr)
+            saved = "epoch 1 is" if epoch == 1 else f"epochs 1-{epoch} are"
+            print(f"interrupted after epoch {epoch}; {saved} saved in {checkpoint_path}: "
+                  f"continue with `{resume_command(args)}`", file=sys.stderr)
             return 130
 
     plot_loss_curve(metrics, args.results_dir)
@@ -351,7 +352,7 @@ def stop_on_ctrl_c():
     def on_ctrl_c(signum, frame):
         stop.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: stopping after this epoch (press it again to stop at once)",
+        print("\nCtrl-C: saving the work under way, then stopping (press it again to stop at once)",
               file=sys.stderr)
     signal.signal(signal.SIGINT, on_ctrl_c)
     return stop

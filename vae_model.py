@@ -195,17 +195,27 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # random bytes, empty or text file, pickled code, truncation
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
-                              f"({type(error).__name__})") from error
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
+                              f"{what_is_wrong(path, error)}") from error
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this VAE "
                               "(it has no 'config' and 'model' entries)")
     return checkpoint
 
 
+def what_is_wrong(path, error):
+    """In words, why torch.load(weights_only=True) refused the file at `path`."""
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    if "GLOBAL" in str(error):
+        return "it holds pickled code or objects, which are never loaded"
+    if isinstance(error, (RuntimeError, OSError)):  # torch.save's zip archive, cut short
+        return "it is cut short or damaged"
+    return "it is not a file that torch.save wrote"
+
+
 def rebuild(model_class, entry, mismatch, device="cpu"):
-    """model_class(**config) with the entry's weights, on `device`, in eval mode. `mismatch` is
-    the sentence for a config or weights that do not fit; the error's first line is added."""
+    """model_class(**config) with the entry's weights, on `device`; else `mismatch`, explained."""
     try:
         model = model_class(**entry["config"])
         model.load_state_dict(entry["model"])

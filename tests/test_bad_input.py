@@ -1,6 +1,7 @@
 """Every mistake a user can make ends with one clear sentence, exit status 2, no traceback and
 no file changed: each script run as a user runs it. (A module's own errors are unit-tested
 beside it; here is what a user meets.)"""
+import io
 import os
 import subprocess
 import sys
@@ -29,14 +30,18 @@ def test_data_folder_empty(tmp_path):
     assert_user_error(run_script("train_vae.py", "--data", tmp_path / "empty"), "no image files")
 
 
-def test_data_folder_without_readable_images(tmp_path):
+@pytest.mark.parametrize("readable", [0, 1])
+def test_data_folder_without_two_readable_images(tmp_path, readable):
     folder = tmp_path / "bad"
-    folder.mkdir()
+    make_folder(folder, count=readable)
     for i in range(3):
         (folder / f"x{i}.png").write_bytes(os.urandom(300))
-    result = run_script("train_vae.py", "--data", folder, "--results-dir", tmp_path / "r")
-    assert_user_error(result, "0 readable image")
-    assert sorted(os.listdir(tmp_path)) == ["bad"]  # no results folder for a run that never started
+    result = run_script("train_vae.py", "--data", folder, "--results-dir", tmp_path / "r",
+                        "--cache-dir", tmp_path / "cache")
+    assert_user_error(result, f"holds {readable} readable image(s) and at least 2 are needed")
+    assert f"decoding {3 + readable} files once" in result.stdout
+    # No results folder for a run that never started, and no cache of a folder it cannot use.
+    assert sorted(os.listdir(tmp_path)) == ["bad", "cache"] and os.listdir(tmp_path / "cache") == []
 
 
 def test_hub_unreachable_fails_fast(tmp_path):
@@ -78,6 +83,7 @@ def test_hub_data_set_that_does_not_exist(tmp_path):
     ("--batch-size", "-4", "positive"), ("--lr", "0", "positive"), ("--kl-weight", "-1", "zero or positive"),
     ("--rotation", "360", "0 to 180 degrees"), ("--warmup", "1", "between 0 and 1"),
     ("--device", "cuda:7", "not available"), ("--fit", "stretch", "invalid choice"),
+    ("--device", "tpu", "'tpu' is not one these scripts run on; use --device auto, cpu, cuda"),
 ])
 def test_bad_flag_values(tmp_path, flag, value, phrase):
     if flag == "--device" and torch.cuda.device_count() > 7:
@@ -158,12 +164,22 @@ def test_an_out_that_cannot_be_written(trained, tmp_path, mode):
     assert_user_error(result, "cannot write to the folder", "--out")
 
 
-@pytest.mark.parametrize("content", [b"", os.urandom(2000), b"hello, I am a text file\n"])
-def test_model_file_is_not_a_checkpoint(tmp_path, content):
+def cut_short():
+    """The first half of a checkpoint, as a crash while copying it leaves it."""
+    buffer = io.BytesIO()
+    torch.save(vae_checkpoint(VAE(32, 4, channels=(8, 8, 8))), buffer)
+    return buffer.getvalue()[:len(buffer.getvalue()) // 2]
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"", "the file is empty"), (os.urandom(2000), "it is not a file that torch.save wrote"),
+    (b"hello, I am a text file\n", "it is not a file that torch.save wrote"), (cut_short(), "it is cut short or damaged")])
+def test_model_file_is_not_a_checkpoint(tmp_path, content, what):
+    """The message says in words what is wrong with the file, not an exception's name."""
     path = tmp_path / "model.pth"
     path.write_bytes(content)
     result = run_script("sample_vae.py", "--model", path, "--no-show")
-    assert_user_error(result, "not a readable PyTorch checkpoint")
+    assert_user_error(result, f"is not a readable PyTorch checkpoint: {what}; pass --model")
     assert path.read_bytes() == content  # left as it was
 
 
@@ -190,7 +206,7 @@ def test_pickled_code_in_model_file_is_refused(tmp_path):
     (tmp_path / "make.py").write_text(source)
     subprocess.run([sys.executable, str(tmp_path / "make.py")], check=True)
     result = run_script("sample_vae.py", "--model", tmp_path / "evil.pth", "--no-show")
-    assert_user_error(result, "not a readable PyTorch checkpoint")
+    assert_user_error(result, "not a readable PyTorch checkpoint: it holds pickled code")
     assert not marker.exists()
 
 

@@ -36,6 +36,15 @@ def test_reconstruction_figure_and_its_psnr(trained, image_folder, tmp_path):
         assert figure.width > 2.5 * figure.height  # original | reconstruction | latent channels
 
 
+def test_the_sample_image_is_found_from_another_folder_and_the_figure_written_there(trained, tmp_path):
+    """pokemon_sample_test.png ships beside the script; the figure goes where the user stands."""
+    result = run_script("sample_vae.py", "--model", trained["model"], "--no-show", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reconstruction PSNR" in result.stdout
+    with Image.open(tmp_path / "vae_results" / "sample_reconstruction.png") as figure:
+        assert figure.width > 2.5 * figure.height
+
+
 def test_sampling_one_image_loads_neither_datasets_nor_the_training_script(trained, tmp_path):
     """sample_vae.py imports the model, the prior and image_data.py; the Hub client (seconds to
     import) only where a Hub data set is read, which sampling never does."""

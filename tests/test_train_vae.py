@@ -94,6 +94,7 @@ def test_folder_with_odd_images_trains_on_the_rest_and_counts_the_skipped(tmp_pa
                         "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "skipped 3 file(s)" in result.stdout  # broken.png, truncated.png and notes.txt
+    assert "32 px, 1 epoch, batch" in result.stdout and "decoding 15 files once" in result.stdout
     assert "11 training and 1 validation images" in result.stdout
 
 
@@ -200,17 +201,15 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, image_folder, monke
     assert all(torch.allclose(a[key], b[key], rtol=0, atol=1e-6) for key in a)
 
 
-def test_a_resumed_run_keeps_its_fit(tmp_path, image_folder, monkeypatch):
+def test_a_resumed_run_keeps_its_fit(tmp_path, image_folder, monkeypatch, capsys):
     run = ("--data", image_folder, "--epochs", 3, "--image-size", 32, "--batch-size", 4, "--prior-steps", 0,
            "--device", "cpu", "--results-dir", tmp_path / "r", "--out", tmp_path / "m.pth")
     real = train_vae.train_one_epoch
-
-    def ctrl_c_in_epoch_2(*args):
-        if args[-1] == 2:
-            os.kill(os.getpid(), __import__("signal").SIGINT)
-        return real(*args)
-    monkeypatch.setattr(train_vae, "train_one_epoch", ctrl_c_in_epoch_2)
+    interrupt_in_epoch(monkeypatch, 1)
     assert train_in_process(*run, "--fit", "crop") == 130
+    said = capsys.readouterr().err
+    assert "Ctrl-C: saving the work under way, then stopping" in said
+    assert "interrupted after epoch 1; epoch 1 is saved in" in said  # one epoch, in words
     monkeypatch.setattr(train_vae, "train_one_epoch", real)
     assert train_in_process(*run, "--resume") == 0
     assert load_vae(tmp_path / "m.pth").fit == "crop"
@@ -369,6 +368,7 @@ def test_ctrl_c_in_stage_two_keeps_the_vae_and_resume_trains_the_prior(tmp_path,
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and "saved in" in stderr
+    assert "Ctrl-C: saving the work under way" in stderr and "epoch" not in stderr.split("Ctrl-C")[1]
     # The command it prints continues the run as it started, its prior flags included.
     assert f"`python train_vae.py --resume --results-dir {results}`" in stderr
     assert load_vae(out).image_size == 32 and load_prior(out) == (None, None)  # usable, without a prior
