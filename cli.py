@@ -46,6 +46,14 @@ positive_int = checked(int, lambda v: v > 0, "a positive whole number")
 positive_float = checked(float, lambda v: v > 0, "a positive number")
 steps_or_0 = checked(int, lambda v: v >= 0, "zero or a positive whole number")
 fraction = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
+zero_or_positive = checked(float, lambda v: v >= 0, "zero or positive")
+angle = checked(float, lambda v: 0 <= v <= 180, "an angle from 0 to 180 degrees")
+unet_width = checked(int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, like 64")
+multiple_of_8 = checked(int, lambda v: v > 0 and v % 8 == 0,
+                        "a positive multiple of 8 (the encoder halves the image three times)")
+channel_list = checked(lambda text: [int(w) for w in text.split(",")],
+                       lambda ws: len(ws) == 3 and all(w >= 4 and w % 4 == 0 for w in ws),
+                       "three comma-separated multiples of 4, like 32,64,128")
 
 
 # --- The device and the outputs, checked before any long work ---------------------------------
@@ -68,8 +76,8 @@ def pick_device(name):
 
 
 def check_writable(path, flag):
-    """Say now, not after an hour of training, that `path` cannot be written. An unnamed
-    temporary file in the nearest existing folder on its way proves it and leaves nothing."""
+    """Say now, not after an hour of training, that `path` cannot be written: an unnamed
+    temporary file in the nearest existing folder on its way proves it, and leaves nothing."""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder; pass {flag} with the path of a file")
     folder = os.path.dirname(os.path.abspath(path))

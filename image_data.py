@@ -46,8 +46,7 @@ def image_files(source, flag="--data"):
 
 
 def hub_images(name):
-    """The images of the Hub data set `name`, as undecoded bytes (or paths), so that one corrupt
-    image is skipped when the cache is built instead of ending the run."""
+    """The Hub data set's images, undecoded: a corrupt one is skipped by the cache, not fatal."""
     import datasets  # here only: loading it takes seconds, and a folder needs none of it
     if not hub_reachable(datasets.config):
         raise UserError(f"cannot reach the Hugging Face Hub to download {name}; "

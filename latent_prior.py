@@ -35,8 +35,7 @@ class DenoiserBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention over the positions of a feature map: a convolution sees only its
-    neighbours, attention lets every position see the whole figure at once."""
+    """Self-attention: a convolution sees only its neighbours, this every position at once."""
 
     def __init__(self, channels):
         super().__init__()
@@ -74,10 +73,9 @@ class Level(nn.Module):
                                  DenoiserBlock(channels, channels, time_dim)])
 
     def descend(self, h, e):
-        """(what goes down to the level below, the skip this level keeps for the way up)"""
         for block in self.down:
             h = block(h, e)
-        return self.downsample(h), h
+        return self.downsample(h), h  # down to the level below, and the skip kept for the way up
 
     def ascend(self, h, skip, e):
         # Back to the skip's size, not simply 2x: an odd side (40 px images) halves unevenly.
@@ -89,12 +87,10 @@ class Level(nn.Module):
 
 
 class LatentPrior(Level):
-    """A U-Net over the latent image that predicts v = alpha * noise - sigma * z0 from a noised
-    latent z_t = alpha * z0 + sigma * noise. Predicting v rather than the noise stays
-    well-posed at both ends of the schedule (Salimans and Ho 2022). The prior is the U-Net's
-    top Level (width channels at the latent's resolution); below it the inner levels
-    (levels_for: none for the 16 x 16 latent of 128 px), then, at 2 * width channels and the
-    lowest resolution, the middle blocks and self-attention."""
+    """A U-Net that predicts v = alpha * noise - sigma * z0 from a noised latent z_t = alpha * z0
+    + sigma * noise: well-posed at both ends of the schedule (Salimans and Ho 2022). The prior is
+    its top Level (width channels); below, the inner levels, then at 2 * width channels and the
+    lowest resolution the middle blocks and self-attention."""
 
     def __init__(self, latent_channels=6, width=64, latent_mean=None, latent_std=None, levels=2):
         # Not Level's __init__: the top level's parts are built below, in the order and under

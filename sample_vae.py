@@ -4,7 +4,6 @@ Use a trained VAE: reconstruct an image, generate new ones, walk and map the lat
     python sample_vae.py                                  # reconstruct pokemon_sample_test.png
     python sample_vae.py --generate 16                    # 16 new images from the learned prior
     python sample_vae.py --generate 16 --prior normal     # ... from z ~ N(0, I), for comparison
-    python sample_vae.py --generate 16 --prior data --data path/to/images
     python sample_vae.py --interpolate a.png b.png        # a walk from a to b (PNG strip + GIF)
     python sample_vae.py --latent-map path/to/images      # every image placed by its latent (PCA)
 
@@ -239,12 +238,6 @@ def latent_map(model, args, device, show):
 
 
 # --- Command line -----------------------------------------------------------------------------
-# The flags that only one mode uses: given to another mode, each is an error, not ignored, since
-# the user expects it to act. The learned prior's own among them are errors with another prior.
-GENERATE_ONLY = ("prior", "sample_steps", "guidance", "guidance_interval", "temperature")
-LEARNED_PRIOR_ONLY = ("sample_steps", "guidance", "guidance_interval")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Reconstruct, generate and explore with a trained VAE.")
     add = p.add_argument
@@ -272,7 +265,8 @@ def parse_args(argv=None):
     add("--temperature", type=positive_float, default=TEMPERATURE,
         help="spread of the prior's noise; below 1: flatter, paler samples")
     add("--data", metavar="FOLDER", help="images to fit --prior data to")
-    add("--steps", type=int, default=STEPS, help="points on the --interpolate line, at least 2")
+    add("--steps", type=checked(int, lambda v: v >= 2, "at least 2 (the two ends)"), default=STEPS,
+        help="points on the --interpolate line")
     add("--seed", type=int, default=SEED)
     args = p.parse_args(argv)
     args.guidance_interval = tuple(args.guidance_interval)
@@ -281,13 +275,14 @@ def parse_args(argv=None):
 
 
 def check_mode_flags(p, args):
-    """p.error (exit status 2) for a value out of range or a flag the chosen mode would ignore."""
+    """p.error (exit status 2) for a value out of range, or a flag the chosen mode would ignore:
+    the user expects it to act. The learned prior's own flags are errors with another prior."""
+    learned_only = ("sample_steps", "guidance", "guidance_interval")
+    generate_only = ("prior", "temperature") + learned_only
     if args.guidance_interval[0] > args.guidance_interval[1]:
         p.error("argument --guidance-interval: LO must not exceed HI, "
                 f"got {args.guidance_interval}")
-    if args.steps < 2:
-        p.error(f"argument --steps: needs at least 2 points (the two ends), got {args.steps}")
-    changed = [key for key in GENERATE_ONLY + ("steps",)
+    changed = [key for key in generate_only + ("steps",)
                if getattr(args, key) != p.get_default(key)]
     uses = {"--generate N": args.generate, "--interpolate A B": args.interpolate}
     for key in changed:
@@ -295,10 +290,8 @@ def check_mode_flags(p, args):
         mode = "--interpolate A B" if key == "steps" else "--generate N"
         if not uses[mode]:
             p.error(f"argument {flag}: only {mode.split()[0]} uses it; add {mode}")
-    learned_only = [key for key in LEARNED_PRIOR_ONLY if key in changed]
-    if learned_only and args.prior in ("normal", "data"):
-        flag = "--" + learned_only[0].replace("_", "-")
-        p.error(f"argument {flag}: only the learned prior uses it, not --prior {args.prior}")
+        if key in learned_only and args.prior in ("normal", "data"):
+            p.error(f"argument {flag}: only the learned prior uses it, not --prior {args.prior}")
     if args.prior == "data" and not args.data:
         p.error("argument --prior: data needs --data FOLDER, the images to fit it to")
     if args.data and args.prior != "data":
@@ -311,11 +304,11 @@ def main():
     # A window only where one can open; headless runs (servers, CI) just save the figure.
     display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
     show = not args.no_show and (sys.platform in ("darwin", "win32") or bool(display))
-    modes = {"generate": generate, "interpolate": interpolate, "latent_map": latent_map}
-    mode = next((run for name, run in modes.items() if getattr(args, name)), reconstruct)
-    outputs = {reconstruct: OUTPUT_PATH, generate: GENERATED_PATH,
-               interpolate: INTERPOLATION_PATH, latent_map: LATENT_MAP_PATH}
-    args.out = args.out or outputs[mode]
+    modes = [(args.generate, generate, GENERATED_PATH), (args.interpolate, interpolate,
+              INTERPOLATION_PATH), (args.latent_map, latent_map, LATENT_MAP_PATH),
+             (True, reconstruct, OUTPUT_PATH)]
+    mode, out = next((run, out) for chosen, run, out in modes if chosen)  # the first one asked for
+    args.out = args.out or out
 
     def run():
         device = pick_device(args.device)

@@ -22,10 +22,11 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm import tqdm
 
-from cli import (UserError, bf16_is_fast, check_writable, checked, counted, fraction, pick_device,
-                 positive_float, positive_int, run_main, steps_or_0)
-from image_data import (DEFAULT_CACHE_DIR, cached_images, fetch, image_files, make_augment,
-                        place_images, save_png, split, to_model_range)
+from cli import (UserError, angle, bf16_is_fast, channel_list, check_writable, counted, fraction,
+                 multiple_of_8, pick_device, positive_float, positive_int, run_main, steps_or_0,
+                 unet_width, zero_or_positive)
+from image_data import (DEFAULT_CACHE_DIR, cache_path, cached_images, fetch, image_files,
+                        make_augment, place_images, save_png, split, to_model_range)
 from latent_prior import fit_prior, sample_prior
 from vae_model import (VAE, CheckpointError, atomic_write, load_checkpoint, psnr, save_checkpoint,
                        vae_checkpoint, vae_loss)
@@ -90,6 +91,10 @@ def settings(args, device):
 def load_data(args, device):
     """(training images and rows, on a GPU if they fit; validation images, on the device)"""
     files = image_files(args.data)
+    key = os.path.basename(cache_path(files, args.image_size, args.fit, args.data, args.cache_dir))
+    if vars(args).setdefault("images", key) != key:  # kept with the settings: a resumed run's
+        raise UserError(f"the images in {args.data} changed since this run started; put them back "
+                        "as they were to resume it, or start a new run without --resume")
     images = cached_images(files, args.image_size, args.fit, args.data, args.cache_dir)
     os.makedirs(args.results_dir, exist_ok=True)  # only now, so that a bad input changes no file
     torch.manual_seed(args.seed)
@@ -226,6 +231,10 @@ def train(args):
     checkpoint_path = os.path.join(args.results_dir, "checkpoint.pth")
     args, resumed = resume_settings(args, checkpoint_path) if args.resume else (args, None)
     args = settings(args, device)
+    if resumed and finished(args, resumed):
+        print(f"the run in {args.results_dir} is finished, its model in {args.out}: nothing left "
+              "to do (new prior flags would train its prior again)")
+        return 0
     check_writable(args.out, "--out")
     check_writable(checkpoint_path, "--results-dir")
     images, train_rows, val_images = load_data(args, device)
@@ -238,8 +247,12 @@ def train(args):
                                                     pct_start=args.warmup)
     shuffle = torch.Generator().manual_seed(args.seed)
     saved_epoch, metrics = 0, []
-    if resumed:
-        saved_epoch, metrics = restore(resumed, model, optimizer, scheduler, shuffle)
+    if resumed:  # everything that changes during training, so that the run goes on exactly
+        for part, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")):
+            part.load_state_dict(resumed[key])
+        shuffle.set_state(resumed["shuffle_state"])
+        torch.set_rng_state(resumed["rng_state"])
+        saved_epoch, metrics = resumed["epoch"], resumed["metrics"]
         print(f"resuming after epoch {saved_epoch} of {args.epochs} from {checkpoint_path}")
     step_model = torch.compile(model) if args.compile else model  # the same weights, compiled
     side = args.image_size // 8
@@ -309,7 +322,7 @@ def check_finite(row, model, args, epoch):
 def resume_settings(args, checkpoint_path):
     """(the settings, the checkpoint) of the run to resume: it goes on as it started; the device,
     --results-dir, --cache-dir, and --out and the prior's flags where given (stage two starts
-    afresh) are this command line's. Other flags that differ are named and ignored."""
+    afresh) are this command line's. Other flags that differ are refused, by name."""
     try:
         checkpoint = load_checkpoint(checkpoint_path)
     except (FileNotFoundError, CheckpointError):
@@ -324,18 +337,19 @@ def resume_settings(args, checkpoint_path):
     ignored = [f"--{key.replace('_', '-')}" for key in sorted(given.keys() - fresh.keys())
                if given[key] != checkpoint["args"].get(key, given[key])]
     if ignored:
-        print(f"note: a resumed run keeps the settings it started with; ignoring "
-              f"{', '.join(ignored)}")
-    return argparse.Namespace(**{**vars(args), **checkpoint["args"], **fresh}), checkpoint
+        raise UserError(f"a resumed run keeps the settings it started with; drop "
+                        f"{', '.join(ignored)}, or start a new run without --resume")
+    args = argparse.Namespace(**{**vars(args), **checkpoint["args"], **fresh})
+    args.new_prior = any(key.startswith("prior_") for key in fresh)
+    return args, checkpoint
 
 
-def restore(checkpoint, model, optimizer, scheduler, shuffle):
-    """Everything that changes during training; returns the epoch saved and the metrics so far."""
-    for part, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")):
-        part.load_state_dict(checkpoint[key])
-    shuffle.set_state(checkpoint["shuffle_state"])
-    torch.set_rng_state(checkpoint["rng_state"])
-    return checkpoint["epoch"], checkpoint["metrics"]
+def finished(args, checkpoint):
+    """Nothing left to resume: every epoch done, the model saved, with its prior unless none is
+    asked for now (--prior-steps 0 keeps one); new prior flags train the prior again."""
+    done = checkpoint["epoch"] == args.epochs and os.path.isfile(args.out)
+    has_prior = done and load_checkpoint(args.out).get("prior") is not None
+    return done and (args.prior_steps == 0 or has_prior and not args.new_prior)
 
 
 def resume_command(args):
@@ -359,15 +373,6 @@ def stop_on_ctrl_c():
 
 
 # --- Command line: every setting above has a flag, and the constant is its default ------------
-multiple_of_8 = checked(int, lambda v: v > 0 and v % 8 == 0,
-                        "a positive multiple of 8 (the encoder halves the image three times)")
-angle = checked(float, lambda v: 0 <= v <= 180, "an angle from 0 to 180 degrees")
-width = checked(int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, like 64")
-channel_list = checked(lambda text: [int(w) for w in text.split(",")],
-                       lambda ws: len(ws) == 3 and all(w >= 4 and w % 4 == 0 for w in ws),
-                       "three comma-separated multiples of 4, like 32,64,128")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a convolutional VAE on Pokémon images, then a learned prior.")
@@ -381,7 +386,7 @@ def parse_args(argv=None):
     add("--batch-size", type=positive_int, help=by_device(BATCH_SIZE, CPU_BATCH_SIZE))
     add("--lr", type=positive_float, default=LEARNING_RATE, help="peak learning rate")
     add("--warmup", type=fraction, default=WARMUP, help="share of the steps spent warming up")
-    add("--kl-weight", type=checked(float, lambda v: v >= 0, "zero or positive"), default=KL_WEIGHT)
+    add("--kl-weight", type=zero_or_positive, default=KL_WEIGHT)
     add("--latent-channels", type=positive_int, default=LATENT_CHANNELS)
     add("--channels", type=channel_list, default=CHANNELS,
         help="widths at 1/2, 1/4, 1/8 of the image")
@@ -396,10 +401,10 @@ def parse_args(argv=None):
         help="optimizer steps of the learned prior; 0 skips stage two")
     add("--prior-batch-size", type=positive_int, default=PRIOR_BATCH_SIZE)
     add("--prior-lr", type=positive_float, default=PRIOR_LR)
-    add("--prior-width", type=width, default=PRIOR_WIDTH, help="channels of the prior's U-Net")
+    add("--prior-width", type=unet_width, default=PRIOR_WIDTH, help="channels of the prior's U-Net")
     add("--prior-guide-steps", type=steps_or_0, default=PRIOR_GUIDE_STEPS,
         help="optimizer steps of the prior's guide; 0 trains none")
-    add("--prior-guide-width", type=width, default=PRIOR_GUIDE_WIDTH,
+    add("--prior-guide-width", type=unet_width, default=PRIOR_GUIDE_WIDTH,
         help="channels of the guide's U-Net")
     add("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     add("--seed", type=int, default=SEED)

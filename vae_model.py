@@ -227,6 +227,5 @@ def rebuild(model_class, entry, mismatch, device="cpu"):
 
 def load_vae(path, map_location="cpu"):
     """Rebuild the trained VAE from `path`, on the device `map_location`."""
-    checkpoint = load_checkpoint(path, map_location)
     mismatch = f"{path} holds weights that do not fit its own config"
-    return rebuild(VAE, checkpoint, mismatch, map_location)
+    return rebuild(VAE, load_checkpoint(path, map_location), mismatch, map_location)

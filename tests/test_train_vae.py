@@ -4,6 +4,7 @@ precision, and stage two (the learned prior)."""
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from PIL import Image
 import image_data
 import latent_prior
 import train_vae
-from conftest import HF_HOME, ROOT, blob_image, make_folder, run_script, train_in_process
+from conftest import HF_HOME, ROOT, assert_user_error, blob_image, make_folder, run_script, train_in_process
 from latent_prior import LatentPrior, load_prior
 from vae_model import VAE, load_vae
 
@@ -152,12 +153,15 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_epochs(tmp_path, image_folder
     assert not (tmp_path / "m.pth").exists()
 
     # The command it prints continues the run as started, --prior-steps 0 included; flags that
-    # would change the VAE are named and ignored.
+    # would change the VAE are refused by name, and nothing is written.
     command = shlex.split(stderr.split("continue with `")[1].split("`")[0])
     assert command[:3] == ["python", "train_vae.py", "--resume"], stderr[-2000:]
-    result = run_script("train_vae.py", *command[2:], "--epochs", 5, "--lr", 0.5)
+    before = (results / "checkpoint.pth").read_bytes()
+    refused = run_script("train_vae.py", *command[2:], "--epochs", 5, "--lr", 0.5)
+    assert_user_error(refused, "keeps the settings it started with; drop --epochs, --lr", "new run")
+    assert (results / "checkpoint.pth").read_bytes() == before
+    result = run_script("train_vae.py", *command[2:])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "ignoring --epochs, --lr" in result.stdout
     assert f"resuming after epoch {stopped} of 60" in result.stdout
     assert [row["epoch"] for row in read_metrics(results)] == list(range(1, 61))
     assert load_vae(tmp_path / "m.pth").image_size == 32 and load_prior(tmp_path / "m.pth") == (None, None)
@@ -213,6 +217,47 @@ def test_a_resumed_run_keeps_its_fit(tmp_path, image_folder, monkeypatch, capsys
     monkeypatch.setattr(train_vae, "train_one_epoch", real)
     assert train_in_process(*run, "--resume") == 0
     assert load_vae(tmp_path / "m.pth").fit == "crop"
+
+
+@pytest.mark.parametrize("change", ["added", "removed"])
+def test_a_resume_on_a_changed_folder_is_refused_and_changes_nothing(tmp_path, monkeypatch, change):
+    """A run remembers its images: on others its schedule and its split would not be its own."""
+    folder = make_folder(tmp_path / "images", count=6)
+    run = ("--data", folder, "--epochs", 3, "--image-size", 32, "--batch-size", 4, "--prior-steps", 0,
+           "--device", "cpu", "--results-dir", tmp_path / "r", "--out", tmp_path / "m.pth")
+    interrupt_in_epoch(monkeypatch, 1)
+    assert train_in_process(*run) == 130
+    if change == "added":
+        make_folder(folder, count=7)
+    else:
+        os.remove(os.path.join(folder, "blob_00.png"))
+    before = (tmp_path / "r" / "checkpoint.pth").read_bytes()
+    result = run_script("train_vae.py", "--resume", "--results-dir", tmp_path / "r")
+    assert_user_error(result, f"the images in {folder} changed since this run started",
+                      "put them back", "without --resume")
+    assert (tmp_path / "r" / "checkpoint.pth").read_bytes() == before
+
+
+def test_a_resume_on_a_finished_run_has_nothing_to_do_unless_new_prior_flags_ask(tmp_path, trained):
+    """Nothing is written, --prior-steps 0 keeps the prior there is, new prior flags train it again."""
+    work = tmp_path / "work"
+    shutil.copytree(trained["work"], work)
+
+    def files():
+        return {path: path.read_bytes() for path in sorted((work / "out").rglob("*")) if path.is_file()}
+    before = files()
+    for flags in ([], ["--prior-steps", 0]):
+        result = run_script("train_vae.py", "--resume", "--results-dir", "out/results", "--device", "cpu",
+                            *flags, cwd=work)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "is finished, its model in out/model.pth: nothing left to do" in result.stdout
+        assert files() == before
+    assert load_prior(work / "out" / "model.pth")[0] is not None
+    result = run_script("train_vae.py", "--resume", "--results-dir", "out/results", "--device", "cpu",
+                        "--prior-steps", 5, "--prior-width", 8, "--prior-guide-steps", 0, cwd=work)
+    assert result.returncode == 0, result.stderr[-2000:]
+    prior, guide = load_prior(work / "out" / "model.pth")
+    assert prior.config["width"] == 8 and guide is None
 
 
 @pytest.mark.parametrize("what", ["train loss", "val loss", "weights"])
@@ -378,6 +423,6 @@ def test_ctrl_c_in_stage_two_keeps_the_vae_and_resume_trains_the_prior(tmp_path,
     result = run_script("train_vae.py", "--resume", "--results-dir", results, "--prior-steps", 20,
                         "--prior-width", 8, "--prior-guide-steps", 0, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "resuming after epoch 1 of 1" in result.stdout and "ignoring" not in result.stdout
+    assert "resuming after epoch 1 of 1" in result.stdout
     assert load_prior(out)[0].config["width"] == 8 and load_prior(out)[1] is None  # into the run's --out
     assert sorted(os.listdir(tmp_path)) == ["m.pth", "r"]
