@@ -29,6 +29,13 @@ def run_main(main):
 
 
 # --- Checked flag types: argparse answers a bad value with the rule it broke ------------------
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help gives every flag's default, but None: there the help text itself says what it is."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def checked(kind, ok, rule):
     """An argparse type: convert the text with `kind`, then insist on `ok(value)`."""
     def parse(text):

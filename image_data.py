@@ -13,9 +13,6 @@ import urllib.parse
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import v2
-from torchvision.transforms.v2.functional import pil_to_tensor
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from cli import UserError, counted
@@ -105,6 +102,7 @@ def to_square(image, size, fit="pad"):
 
 def square_pixels(file, size, fit):
     """One image file as a uint8 tensor (3, size, size): what training and sampling both see."""
+    from torchvision.transforms.v2.functional import pil_to_tensor  # torchvision: where used
     return pil_to_tensor(to_square(open_rgb(file), size, fit))
 
 
@@ -223,10 +221,10 @@ def fetch(images, pick, device):
 
 # --- Augmentation: on uint8 batches already on the training device ----------------------------
 def make_augment(rotation, fit="pad", size=None):
-    """Flip, rotation and light colour jitter (no hue shift: a blue Pikachu is no Pikachu). A v2
-    transform on a batch draws one flip and angle for all of it, cheaper than one per image;
-    batches are reshuffled every epoch, so an image still meets a new one each time. A cropped
-    photo is not on white: its edges are mirrored out so that no turned corner shows."""
+    """Flip, rotation and light colour jitter (no hue shift: a blue Pikachu is no Pikachu). One
+    flip and angle per batch, cheaper than per image; batches are reshuffled every epoch, so an
+    image still meets new ones. A cropped photo's edges are mirrored out: no turned corner shows."""
+    from torchvision.transforms import v2  # here, not at the top: --help answers without it
     rotate = v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=255)
     if fit == "crop":
         turn = math.radians(min(rotation, 45.0))
@@ -239,6 +237,8 @@ def make_augment(rotation, fit="pad", size=None):
 # --- Out: a grid of images as a PNG -----------------------------------------------------------
 def save_png(images, path, nrow=8):
     """A grid of images in [-1, 1] as a PNG, written whole or not at all."""
+    from torchvision.utils import save_image
+
     def write(tmp):
         save_image(images.float(), tmp, format="png", nrow=nrow, normalize=True,
                    value_range=(-1, 1), padding=2, pad_value=1)

@@ -93,8 +93,7 @@ class LatentPrior(Level):
     lowest resolution the middle blocks and self-attention."""
 
     def __init__(self, latent_channels=6, width=64, latent_mean=None, latent_std=None, levels=2):
-        # Not Level's __init__: the top level's parts are built below, in the order and under
-        # the names they had before the U-Net could grow, so the same seed gives the same weights.
+        # Not Level's init: the top level's parts come below in their old order (old seeds hold).
         nn.Module.__init__(self)
         if levels < 2:
             raise ValueError(f"levels must be at least 2, got {levels}")
@@ -161,10 +160,9 @@ def prior_loss(prior, z0):
 # --- Training ---------------------------------------------------------------------------------
 def fit_prior(codes, width, steps, batch_size, lr, generator, use_amp=False, stop=(),
               desc="learned prior"):
-    """Train one LatentPrior on the codes (N, latent, h, w). Returns a moving average of its
-    weights, which samples more cleanly than the last step's (as diffusion models have since
-    Ho et al. 2020); None once `stop` is non-empty (Ctrl-C); raises FloatingPointError when the
-    loss is no longer finite."""
+    """Train one LatentPrior on the codes (N, latent, h, w); returns a moving average of its
+    weights, which samples more cleanly than the last step's (Ho et al. 2020), None once `stop`
+    is non-empty (Ctrl-C); raises FloatingPointError when the loss is no longer finite."""
     device = codes.device
     prior = LatentPrior(codes.shape[1], width, codes.mean((0, 2, 3)), codes.std((0, 2, 3)),
                         levels_for(min(codes.shape[-2:]))).to(device)

@@ -7,22 +7,18 @@ Use a trained VAE: reconstruct an image, generate new ones, walk and map the lat
     python sample_vae.py --interpolate a.png b.png        # a walk from a to b (PNG strip + GIF)
     python sample_vae.py --latent-map path/to/images      # every image placed by its latent (PCA)
 
-The model is rebuilt from the checkpoint's own config, never from constants here. Each mode is
-one small function; every figure is saved, and shown only where a display exists.
+The model is rebuilt from its checkpoint's config. Every figure is saved, and shown if it can be.
 """
 import argparse
 import math
 import os
 import sys
 
-import matplotlib.pyplot as plt
 import torch
-from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 from PIL import Image
-from torchvision.utils import make_grid
 
-from cli import (UserError, check_writable, checked, pick_device, positive_float, positive_int,
-                 run_main)
+from cli import (HelpWithDefaults, UserError, check_writable, checked, pick_device, positive_float,
+                 positive_int, run_main)
 from image_data import (DEFAULT_CACHE_DIR, cached_images, image_files, save_png, square_pixels,
                         to_model_range)
 from latent_prior import load_prior, sample_prior
@@ -88,6 +84,7 @@ def to_picture(tensor):
 
 
 def show_or_save(fig, path, show):
+    import matplotlib.pyplot as plt  # matplotlib and torchvision where used: --help needs neither
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     print(f"saved {path}")
     if show:
@@ -99,6 +96,8 @@ def save_grid(images, path, nrow, show):
     save_png(images, path, nrow)
     print(f"saved {path}")
     if show:
+        import matplotlib.pyplot as plt
+        from torchvision.utils import make_grid
         plt.imshow(to_picture(make_grid(images, nrow=nrow, padding=2, pad_value=1)))
         plt.axis("off")
         plt.show()
@@ -115,6 +114,7 @@ def reconstruct(model, args, device, show):
     channels = mu.shape[1]
     rows = 1 if channels <= 4 else 2  # the latent channels in one row, or two when there are many
     cols = math.ceil(channels / rows)
+    import matplotlib.pyplot as plt
     fig = plt.figure(figsize=(1.8 * (2 * rows + cols), 1.8 * rows + 0.6))
     grid = fig.add_gridspec(rows, 2 * rows + cols)
     panels = [(grid[:, :rows], to_picture(x[0]), "original", None),
@@ -132,9 +132,8 @@ def reconstruct(model, args, device, show):
 
 # --- --generate: decode latents drawn from a prior --------------------------------------------
 def fit_data_prior(model, images):
-    """A diagonal Gaussian fitted to the latent means of real images: one mean and one std per
-    latent element (ex-post density estimation, Ghosh et al. 2020). It puts samples where the
-    encoder really puts images, which N(0, I) only approximates when the KL term is weak."""
+    """A diagonal Gaussian fitted to real images' latent means (ex-post density estimation, Ghosh
+    et al. 2020): samples where the encoder puts images, which N(0, I) only approximates."""
     mus = encode_means(model, images)
     return mus.mean(0), mus.std(0)
 
@@ -146,9 +145,8 @@ def draw_latents(n, mean, std, seed):
 
 
 def pick_prior(args, device):
-    """(name, learned prior, its guide): the learned prior stored with the model, or None where
-    the user asked for another prior or the checkpoint has none (it then falls back to
-    N(0, I), with a note). The guide is None, also with a note, where the model has none."""
+    """(name, learned prior, its guide): the prior stored with the model, else None (another was
+    asked for, or it falls back to N(0, I) with a note); the guide None, with a note, if none."""
     if args.prior not in (None, "learned"):
         return args.prior, None, None
     prior, guide = load_model(args.model, device, loader=load_prior)
@@ -213,9 +211,8 @@ def interpolate(model, args, device, show):
 
 # --- --latent-map: every image of a folder at its place in the latent space (PCA to 2-D) ------
 def latent_positions(mus):
-    """Each latent mean's coordinates on the two principal axes of the set: the first two
-    right-singular vectors of the centred means. An axis has no sign of its own, so each is
-    turned to make its largest loading positive."""
+    """Each latent mean's coordinates on the first two right-singular vectors of the centred
+    means; an axis has no sign of its own: each is turned so its largest loading is positive."""
     flat = mus.flatten(1).cpu().double()
     centred = flat - flat.mean(0)
     v = torch.linalg.svd(centred, full_matrices=False).Vh[:2].T
@@ -226,6 +223,8 @@ def latent_positions(mus):
 def latent_map(model, args, device, show):
     images = load_folder(args.latent_map, model, "--latent-map").to(device)
     xy = latent_positions(encode_means(model, images)).numpy()
+    import matplotlib.pyplot as plt
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
     fig, axis = plt.subplots(figsize=(12, 12))
     axis.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0)  # sets the axis limits
     zoom = 24 / model.image_size * max(1.0, 20 / len(images) ** 0.5)
@@ -239,7 +238,8 @@ def latent_map(model, args, device, show):
 
 # --- Command line -----------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Reconstruct, generate and explore with a trained VAE.")
+    p = argparse.ArgumentParser(description="Reconstruct, generate and explore with a trained VAE.",
+                                formatter_class=HelpWithDefaults)
     add = p.add_argument
     add("--model", default=MODEL_PATH, help="checkpoint written by train_vae.py")
     add("--image", default=os.path.join(os.path.dirname(__file__), IMAGE_PATH),
@@ -267,7 +267,7 @@ def parse_args(argv=None):
     add("--data", metavar="FOLDER", help="images to fit --prior data to")
     add("--steps", type=checked(int, lambda v: v >= 2, "at least 2 (the two ends)"), default=STEPS,
         help="points on the --interpolate line")
-    add("--seed", type=int, default=SEED)
+    add("--seed", type=int, default=SEED, help="seeds the latents drawn by --generate")
     args = p.parse_args(argv)
     args.guidance_interval = tuple(args.guidance_interval)
     check_mode_flags(p, args)

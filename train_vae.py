@@ -4,9 +4,8 @@ Train the VAE of vae_model.py on Pokémon images, then a learned prior over its 
     python train_vae.py                          # the Hugging Face Hub data set
     python train_vae.py --data path/to/folder    # any folder of images, offline
 
-Read top to bottom: the settings, the data, one epoch, evaluation and pictures, stage two (the
-prior of latent_prior.py), and train(), which runs them in the order the data meets them; then
-faults and the command line, which a first reading can skip. image_data.py holds the images.
+Read top to bottom: settings, data, one epoch, evaluation and pictures, stage two (the prior of
+latent_prior.py), and train(), which runs them in that order; then faults and the command line.
 """
 import argparse
 import json
@@ -18,13 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import torch
 from tqdm import tqdm
 
-from cli import (UserError, angle, bf16_is_fast, channel_list, check_writable, counted, fraction,
-                 multiple_of_8, pick_device, positive_float, positive_int, run_main, steps_or_0,
-                 unet_width, zero_or_positive)
+from cli import (HelpWithDefaults, UserError, angle, bf16_is_fast, channel_list, check_writable,
+                 counted, fraction, multiple_of_8, pick_device, positive_float, positive_int,
+                 run_main, steps_or_0, unet_width, zero_or_positive)
 from image_data import (DEFAULT_CACHE_DIR, cache_path, cached_images, fetch, image_files,
                         make_augment, place_images, save_png, split, to_model_range)
 from latent_prior import fit_prior, sample_prior
@@ -166,6 +164,7 @@ def write_metrics(metrics, results_dir):
 
 
 def plot_loss_curve(metrics, results_dir):
+    import matplotlib.pyplot as plt  # here, not at the top: --help answers without it
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [row["epoch"] for row in metrics]
     curves = {"train_mse": "train reconstruction (summed MSE)",
@@ -320,9 +319,8 @@ def check_finite(row, model, args, epoch):
 
 
 def resume_settings(args, checkpoint_path):
-    """(the settings, the checkpoint) of the run to resume: it goes on as it started; the device,
-    --results-dir, --cache-dir, and --out and the prior's flags where given (stage two starts
-    afresh) are this command line's. Other flags that differ are refused, by name."""
+    """(settings, checkpoint) of the run to resume, as it started; but the device, --results-dir,
+    --cache-dir, --out and prior flags given are this command line's; other changes are refused."""
     try:
         checkpoint = load_checkpoint(checkpoint_path)
     except (FileNotFoundError, CheckpointError):
@@ -353,10 +351,8 @@ def finished(args, checkpoint):
 
 
 def resume_command(args):
-    command = "python train_vae.py --resume"
-    if args.results_dir != RESULTS_DIR:
-        command += f" --results-dir {shlex.quote(args.results_dir)}"
-    return command
+    where = f" --results-dir {shlex.quote(args.results_dir)}"
+    return "python train_vae.py --resume" + (where if args.results_dir != RESULTS_DIR else "")
 
 
 def stop_on_ctrl_c():
@@ -374,23 +370,23 @@ def stop_on_ctrl_c():
 
 # --- Command line: every setting above has a flag, and the constant is its default ------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Train a convolutional VAE on Pokémon images, then a learned prior.")
+    p = argparse.ArgumentParser(description="Train a convolutional VAE on Pokémon images, then "
+                                "a learned prior.", formatter_class=HelpWithDefaults)
     add = p.add_argument
-    by_device = "default {} with a CUDA GPU, {} without".format
+    by_gpu = "{}; default {} with a CUDA GPU, {} without".format
     add("--data", default=DATASET, help="Hub data set name or local image folder")
-    add("--epochs", type=positive_int, help=by_device(EPOCHS, CPU_EPOCHS))
-    add("--image-size", type=multiple_of_8, help="px; " + by_device(IMAGE_SIZE, CPU_IMAGE_SIZE))
+    add("--epochs", type=positive_int, help=by_gpu("passes over the data", EPOCHS, CPU_EPOCHS))
+    add("--image-size", type=multiple_of_8, help=by_gpu("px", IMAGE_SIZE, CPU_IMAGE_SIZE))
     add("--fit", choices=["pad", "crop"], default=FIT,
         help="pad with white (artwork) or crop (photos)")
-    add("--batch-size", type=positive_int, help=by_device(BATCH_SIZE, CPU_BATCH_SIZE))
+    add("--batch-size", type=positive_int, help=by_gpu("images a step", BATCH_SIZE, CPU_BATCH_SIZE))
     add("--lr", type=positive_float, default=LEARNING_RATE, help="peak learning rate")
     add("--warmup", type=fraction, default=WARMUP, help="share of the steps spent warming up")
-    add("--kl-weight", type=zero_or_positive, default=KL_WEIGHT)
-    add("--latent-channels", type=positive_int, default=LATENT_CHANNELS)
+    add("--kl-weight", type=zero_or_positive, default=KL_WEIGHT, help="weight of the KL term")
+    add("--latent-channels", type=positive_int, default=LATENT_CHANNELS, help="at H/8 x W/8")
     add("--channels", type=channel_list, default=CHANNELS,
         help="widths at 1/2, 1/4, 1/8 of the image")
-    add("--val-fraction", type=fraction, default=VAL_FRACTION)
+    add("--val-fraction", type=fraction, default=VAL_FRACTION, help="share held out to validate")
     add("--rotation", type=angle, default=ROTATION,
         help="degrees, largest random rotation of a training image")
     add("--save-every", type=positive_int, default=SAVE_EVERY, help="epochs between picture grids")
@@ -399,17 +395,17 @@ def parse_args(argv=None):
         help="torch.compile the model")
     add("--prior-steps", type=steps_or_0, default=PRIOR_STEPS,
         help="optimizer steps of the learned prior; 0 skips stage two")
-    add("--prior-batch-size", type=positive_int, default=PRIOR_BATCH_SIZE)
-    add("--prior-lr", type=positive_float, default=PRIOR_LR)
+    add("--prior-batch-size", type=positive_int, default=PRIOR_BATCH_SIZE, help="latents a step")
+    add("--prior-lr", type=positive_float, default=PRIOR_LR, help="the prior's, decayed to 0")
     add("--prior-width", type=unet_width, default=PRIOR_WIDTH, help="channels of the prior's U-Net")
     add("--prior-guide-steps", type=steps_or_0, default=PRIOR_GUIDE_STEPS,
         help="optimizer steps of the prior's guide; 0 trains none")
     add("--prior-guide-width", type=unet_width, default=PRIOR_GUIDE_WIDTH,
         help="channels of the guide's U-Net")
     add("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    add("--seed", type=int, default=SEED)
+    add("--seed", type=int, default=SEED, help="seeds the split, shuffling, augmentation, weights")
     add("--out", default=MODEL_PATH, help="where to save the final model")
-    add("--results-dir", default=RESULTS_DIR)
+    add("--results-dir", default=RESULTS_DIR, help="grids, metrics, loss curve, checkpoint.pth")
     add("--cache-dir", default=CACHE_DIR, help="where the decoded images are kept between runs")
     add("--resume", action="store_true",
         help="continue the run whose checkpoint is in --results-dir")

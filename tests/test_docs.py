@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -16,8 +17,8 @@ import train_vae
 from conftest import ROOT, run_script
 
 
-def flags(script):
-    """Every long option of a script's parser, found by capturing the parser it builds."""
+def parser_of(script):
+    """The parser a script builds, captured as its parse_args uses it."""
     captured = []
     original = argparse.ArgumentParser.parse_args
 
@@ -29,8 +30,28 @@ def flags(script):
         script.parse_args([])
     finally:
         argparse.ArgumentParser.parse_args = original
-    return {option for action in captured[0]._actions for option in action.option_strings
+    return captured[0]
+
+
+def flags(script):
+    """Every long option of a script's parser."""
+    return {option for action in parser_of(script)._actions for option in action.option_strings
             if option.startswith("--") and option not in ("--help", "--one")}
+
+
+def help_entries(script):
+    """{flag: its entry in --help, on one line}."""
+    entries, flag = {}, None
+    for line in parser_of(script).format_help().splitlines():
+        start = re.match(r"  (--[a-z-]+)", line)
+        if start:
+            flag = start.group(1)
+            entries[flag] = line
+        elif flag and line.startswith("    "):
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    return {flag: " ".join(text.split()) for flag, text in entries.items()}
 
 
 @pytest.mark.parametrize("script", [train_vae, sample_vae])
@@ -179,3 +200,52 @@ def test_the_readme_commands_change_no_file_that_git_tracks(tmp_path, image_fold
         assert result.returncode == 0, (command, result.stderr[-2000:])
     status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True)
     assert status.stdout == "", status.stdout
+
+
+@pytest.mark.parametrize("script", ["train_vae.py", "sample_vae.py"])
+@pytest.mark.parametrize("argv", [["--help"], ["--epochs", "0"]])
+def test_help_and_a_bad_flag_answer_without_the_heavy_imports(script, argv):
+    """torchvision, matplotlib and datasets are imported where they are used, so --help and a
+    mistyped flag answer after torch alone (how long that takes is measured in the README)."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{script!r}, *{argv!r}]\n"
+            "try:\n"
+            f"    runpy.run_path({os.path.join(ROOT, script)!r}, run_name='__main__')\n"
+            "except SystemExit as exit_:\n"
+            "    print('exit', exit_.code)\n"
+            "print(sorted(name for name in ('torchvision', 'matplotlib', 'datasets') if name in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip().splitlines()[-2:] == [f"exit {0 if argv == ['--help'] else 2}", "[]"], result
+
+
+@pytest.mark.parametrize("script", [train_vae, sample_vae])
+def test_help_gives_every_flag_its_meaning_and_default(script):
+    """--help is the reference: a meaning for every flag, and its default, or how it is chosen."""
+    defaults, entries = vars(script.parse_args([])), help_entries(script)
+    assert set(entries) == flags(script) - {"--no-compile"}
+    for flag, entry in entries.items():
+        key = flag[2:].replace("-", "_")
+        meaning = entry.split(" ", 1)[1].split("(default:")[0].replace(key.upper(), "").strip()
+        assert len(meaning) > 4, entry
+        value = defaults[key]
+        if isinstance(value, (int, float, str, list, tuple)) and not isinstance(value, bool):
+            assert f"(default: {value})" in entry, entry
+
+
+def test_help_and_the_readme_table_give_the_same_defaults():
+    """The README's flag table and train_vae.py --help agree: the same default in each row."""
+    entries = help_entries(train_vae)
+    for flag, cell in readme_flag_table().items():
+        entry = entries[flag]
+        if "with a CUDA GPU" in cell:
+            assert f"default {cell}" in entry, (cell, entry)
+        elif flag == "--cache-dir":  # the tests keep theirs in a temporary $XDG_CACHE_HOME
+            assert "vae_pokemon)" in entry, entry
+        elif cell in ("on", "off"):
+            assert f"(default: {cell == 'on'})" in entry, (cell, entry)
+        else:
+            shown = entry.split("(default: ")[1].rsplit(")", 1)[0]
+            if re.fullmatch(r"[0-9.]+", cell):
+                assert float(shown) == float(cell), (cell, entry)
+            else:  # a list shows as [32, 64, 128], the table's cell as 32,64,128
+                assert re.sub(r"[\[\] ]", "", shown) == cell, (cell, entry)

@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 
+import matplotlib.figure
 import pytest
 import torch
+import torchvision.utils
 from PIL import Image
 
 import image_data
@@ -304,10 +306,10 @@ def test_pictures_metrics_and_curve_are_replaced_whole_or_not_at_all(tmp_path, m
     before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
     assert sorted(before) == ["grid.png", "loss_curve.png", "metrics.jsonl"]
 
-    monkeypatch.setattr(image_data, "save_image", lambda images, path, **options: half_written(path))
+    monkeypatch.setattr(torchvision.utils, "save_image", lambda images, path, **options: half_written(path))
     with pytest.raises(OSError):
         image_data.save_png(torch.ones(2, 3, 8, 8), str(tmp_path / "grid.png"))
-    monkeypatch.setattr(train_vae.plt.Figure, "savefig", lambda self, path, **options: half_written(path))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, path, **options: half_written(path))
     with pytest.raises(OSError):
         train_vae.plot_loss_curve(rows * 2, str(tmp_path))
     dumps = json.dumps
