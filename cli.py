@@ -63,7 +63,7 @@ channel_list = checked(lambda text: [int(w) for w in text.split(",")],
                        "three comma-separated multiples of 4, like 32,64,128")
 
 
-# --- The device and the outputs, checked before any long work ---------------------------------
+# --- The device, its fast precision, and the outputs checked before any long work ------------
 def pick_device(name):
     """The torch.device for --device: "auto" takes a CUDA GPU, then an Apple GPU, then the CPU."""
     if name == "auto":
@@ -82,6 +82,16 @@ def pick_device(name):
     return torch.device(name)
 
 
+def bf16_is_fast(device):
+    """bfloat16 pays off on a GPU with bf16 and on a CPU with bf16 instructions (AMX, AVX-512
+    BF16); other CPUs emulate it. torch.cpu's helpers are private, so looked up, not assumed."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    names = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    checks = [getattr(torch.cpu, name, None) for name in names]
+    return device.type == "cpu" and any(check is not None and check() for check in checks)
+
+
 def check_writable(path, flag):
     """Say now, not after an hour of training, that `path` cannot be written: an unnamed
     temporary file in the nearest existing folder on its way proves it, and leaves nothing."""
@@ -95,13 +105,3 @@ def check_writable(path, flag):
     except OSError as error:
         raise UserError(f"cannot write to the folder {folder} ({error.strerror}); pass {flag} "
                         "with a path in a folder you can write to") from error
-
-
-def bf16_is_fast(device):
-    """bfloat16 pays off on a GPU with bf16 and on a CPU with bf16 instructions (AMX, AVX-512
-    BF16); other CPUs emulate it. torch.cpu's helpers are private, so looked up, not assumed."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    names = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    checks = [getattr(torch.cpu, name, None) for name in names]
-    return device.type == "cpu" and any(check is not None and check() for check in checks)
