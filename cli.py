@@ -83,10 +83,10 @@ def pick_device(name):
 
 
 def bf16_is_fast(device):
-    """bfloat16 pays off on a GPU with bf16 and on a CPU with bf16 instructions (AMX, AVX-512
-    BF16); other CPUs emulate it. torch.cpu's helpers are private, so looked up, not assumed."""
+    """bfloat16 pays off where native: a GPU of compute capability 8.0 or more (a T4, 7.5,
+    emulates it), a CPU with AMX or AVX-512 BF16 (torch.cpu's private helpers: looked up)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
     names = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     checks = [getattr(torch.cpu, name, None) for name in names]
     return device.type == "cpu" and any(check is not None and check() for check in checks)

@@ -45,3 +45,12 @@ def test_auto_amp_turns_bf16_on_for_a_cpu_with_bf16_instructions(monkeypatch, am
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     assert cli.bf16_is_fast(torch.device("cpu")) == fast
     assert not cli.bf16_is_fast(torch.device("meta"))  # neither a CPU nor a CUDA GPU
+
+
+@pytest.mark.parametrize("capability, fast", [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)])
+def test_auto_amp_turns_bf16_on_only_for_a_gpu_that_has_it_natively(monkeypatch, capability, fast):
+    """A Tesla T4 (7.5) or V100 (7.0) says torch.cuda.is_bf16_supported() but emulates bfloat16;
+    an A100 (8.0) or H100 (9.0) runs it natively."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert cli.bf16_is_fast(torch.device("cuda")) == fast
