@@ -111,10 +111,10 @@ def to_model_range(batch_uint8):
 
 
 # --- The cache: every image decoded once into a file on disk ----------------------------------
-def cached_images(files, size, fit, source, cache_dir):
-    """All images as one uint8 tensor (N, 3, size, size), decoded once into a file on disk and
-    memory-mapped from then on: the page cache holds them, so memory does not grow with them."""
-    path = cache_path(files, size, fit, source, cache_dir)
+def cached_images(files, size, fit, source, cache_dir, path=None):
+    """All images as one uint8 tensor (N, 3, size, size), decoded once into a file on disk (`path`,
+    if the caller has it already) and memory-mapped: the page cache holds them, not this process."""
+    path = path or cache_path(files, size, fit, source, cache_dir)
     try:  # copy-on-write: writable as torch wants, never written
         images = np.load(path, mmap_mode="c")
     except (OSError, ValueError, EOFError):  # none yet, or cut short (numpy checks the size)

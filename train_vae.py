@@ -89,11 +89,12 @@ def settings(args, device):
 def load_data(args, device):
     """(training images and rows, on a GPU if they fit; validation images, on the device)"""
     files = image_files(args.data)
-    key = os.path.basename(cache_path(files, args.image_size, args.fit, args.data, args.cache_dir))
-    if vars(args).setdefault("images", key) != key:  # kept with the settings: a resumed run's
+    path = cache_path(files, args.image_size, args.fit, args.data, args.cache_dir)
+    # The cache's name keys the images: kept with the settings, a resumed run's must match.
+    if vars(args).setdefault("images", os.path.basename(path)) != os.path.basename(path):
         raise UserError(f"the images in {args.data} changed since this run started; put them back "
                         "as they were to resume it, or start a new run without --resume")
-    images = cached_images(files, args.image_size, args.fit, args.data, args.cache_dir)
+    images = cached_images(files, args.image_size, args.fit, args.data, args.cache_dir, path)
     os.makedirs(args.results_dir, exist_ok=True)  # only now, so that a bad input changes no file
     torch.manual_seed(args.seed)
     train_rows, val_rows = split(len(images), args.val_fraction, args.seed)
@@ -343,8 +344,7 @@ def resume_settings(args, checkpoint_path):
 
 
 def finished(args, checkpoint):
-    """Nothing left to resume: every epoch done, the model saved, with its prior unless none is
-    asked for now (--prior-steps 0 keeps one); new prior flags train the prior again."""
+    """Nothing left to resume: all epochs done, the model saved, its prior too unless none asked."""
     done = checkpoint["epoch"] == args.epochs and os.path.isfile(args.out)
     has_prior = done and load_checkpoint(args.out).get("prior") is not None
     return done and (args.prior_steps == 0 or has_prior and not args.new_prior)
