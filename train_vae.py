@@ -3,9 +3,11 @@ Train the VAE of vae_model.py on Pokémon images, then a learned prior over its 
 
     python train_vae.py                          # the Hugging Face Hub data set
     python train_vae.py --data path/to/folder    # any folder of images, offline
+    torchrun --nproc_per_node 4 train_vae.py     # one model trained by 4 GPUs (DDP)
 
-Read top to bottom: settings, data, one epoch, evaluation and pictures, stage two (the prior of
-latent_prior.py), and train(), which runs them in that order; then faults and the command line.
+Read top to bottom: settings, several processes, data, one epoch, evaluation and pictures, stage
+two (the prior of latent_prior.py), and train(), which runs them in that order; then faults and
+the command line.
 """
 import argparse
 import json
@@ -15,9 +17,12 @@ import shlex
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from cli import (HelpWithDefaults, UserError, angle, bf16_is_fast, channel_list, check_writable,
@@ -47,7 +52,7 @@ VAL_FRACTION = 0.05       # share of images held out, never augmented, for valid
 SAVE_EVERY = 10           # epochs between reconstruction / sample grids
 SEED = 0                  # seeds the split, the shuffling, the augmentation and the weights
 ROTATION = 10.0           # degrees, largest random rotation of a training image
-AMP = "auto"              # bfloat16 autocast: "auto" (on where bf16 is fast), "on" or "off"
+AMP = "auto"              # autocast: "auto" (on where fast: bfloat16, float16 on old GPUs), on, off
 COMPILE = False           # torch.compile the model (faster steps after a minute of compiling)
 PRIOR_STEPS = 4000        # optimizer steps of the learned prior (stage two); 0 skips it
 PRIOR_BATCH_SIZE = 32     # latents per step of the prior
@@ -60,6 +65,11 @@ RESULTS_DIR = "vae_results"    # grids, metrics.jsonl, loss curve, resumable che
 CACHE_DIR = DEFAULT_CACHE_DIR  # decoded images (~/.cache/vae_pokemon); delete it to free the room
 # -----------------------------------------------------------------------------------------------
 GRID_IMAGES = 8           # validation images shown in each reconstruction grid
+STOP_CHECK = 20           # steps between the checks, under torchrun, that no process was stopped
+# torchrun starts one process per GPU and tells each its place; a plain `python` run is 0 of 1.
+RANK, LOCAL_RANK = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
+MASTER = RANK == 0        # the one process that evaluates, prints and writes files
 
 
 def settings(args, device):
@@ -71,11 +81,18 @@ def settings(args, device):
     args.image_size = args.image_size or (CPU_IMAGE_SIZE if cpu else IMAGE_SIZE)
     args.epochs = args.epochs or (CPU_EPOCHS if cpu else EPOCHS)
     args.batch_size = args.batch_size or (CPU_BATCH_SIZE if cpu else BATCH_SIZE)
-    args.use_amp = args.amp == "on" or (args.amp == "auto" and bf16_is_fast(device))
-    epochs = counted(args.epochs, "epoch")
-    line = f"device {device}: {args.image_size} px, {epochs}, batch {args.batch_size}"
+    # A CUDA GPU before compute capability 8.0 (T4, V100) has tensor cores for float16, not
+    # bfloat16: float16 is 8x float32's speed on a T4; its small range needs a GradScaler.
+    old_gpu = device.type == "cuda" and not bf16_is_fast(device)
+    args.use_amp = args.amp == "on" or (args.amp == "auto" and (old_gpu or bf16_is_fast(device)))
+    args.amp_dtype = "float16" if old_gpu else "bfloat16"
+    batch = f"batch {args.batch_size}"
+    if WORLD_SIZE > 1:  # --batch-size is each process's, as in PyTorch's DDP and nanoGPT
+        batch = f"{WORLD_SIZE} processes x batch {args.batch_size} = {WORLD_SIZE * args.batch_size}"
+    line = (f"device {device.type if WORLD_SIZE > 1 else device}: {args.image_size} px, "
+            f"{counted(args.epochs, 'epoch')}, {batch}")
     if args.use_amp:
-        line += ", bfloat16 autocast"
+        line += f", {args.amp_dtype} autocast" + (" with loss scaling" if old_gpu else "")
     if args.compile:
         line += ", torch.compile"
     if cpu and unset:
@@ -85,17 +102,80 @@ def settings(args, device):
     return args
 
 
+# --- Several processes: one model trained by all, under torchrun (as in nanoGPT) -------------
+def start_processes(name):
+    """This process's device. Under torchrun it joins the others: NCCL between CUDA GPUs, one
+    per process by LOCAL_RANK, gloo between CPU processes; only rank 0 speaks."""
+    if WORLD_SIZE == 1:
+        return pick_device(name)
+    if name not in ("auto", "cuda", "cpu"):
+        raise UserError(f"under torchrun each process takes the GPU of its LOCAL_RANK, or the "
+                        f"CPU; pass --device auto, cuda or cpu, not {name}")
+    cuda = name != "cpu" and pick_device(name).type == "cuda"
+    if cuda and LOCAL_RANK >= torch.cuda.device_count():
+        raise UserError(f"torchrun started more processes on this machine than it has GPUs "
+                        f"({torch.cuda.device_count()}); pass --nproc_per_node with at most that")
+    device = torch.device("cuda", LOCAL_RANK) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if not MASTER:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def from_rank_0(value):
+    """Rank 0's `value`, on every process: the run's files are on rank 0's machine only."""
+    box = [value]
+    if WORLD_SIZE > 1:
+        dist.broadcast_object_list(box)
+    return box[0]
+
+
+def share(order):
+    """This process's share of an epoch: every WORLD_SIZE-th image from its RANK on, the order
+    first filled up from its start to a multiple of WORLD_SIZE (as DistributedSampler does), so
+    that each process takes the same number of steps and none waits at the last one."""
+    length = math.ceil(len(order) / WORLD_SIZE) * WORLD_SIZE
+    return torch.cat([order] * WORLD_SIZE)[:length][RANK::WORLD_SIZE]
+
+
+def agreed(stop, device):
+    """Whether any process was told to stop: under torchrun, all leave at the same step."""
+    if WORLD_SIZE == 1:
+        return bool(stop)
+    flag = torch.tensor([float(bool(stop))], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def rng_states():
+    """Every process's random state (its augmentation and noise), for an exact resume."""
+    states = [torch.get_rng_state()] * WORLD_SIZE
+    if WORLD_SIZE > 1:
+        dist.all_gather_object(states, torch.get_rng_state())
+    return states
+
+
 # --- The data: decoded once into the cache, split, placed ---------------------------------
 def load_data(args, device):
     """(training images and rows, on a GPU if they fit; validation images, on the device)"""
     files = image_files(args.data)
     path = cache_path(files, args.image_size, args.fit, args.data, args.cache_dir)
     # The cache's name keys the images: kept with the settings, a resumed run's must match.
-    if vars(args).setdefault("images", os.path.basename(path)) != os.path.basename(path):
+    if MASTER and vars(args).setdefault("images", os.path.basename(path)) != os.path.basename(path):
         raise UserError(f"the images in {args.data} changed since this run started; put them back "
                         "as they were to resume it, or start a new run without --resume")
+    # The first process of each machine decodes the images into its cache (a large folder takes
+    # long: hours are allowed), while the others wait; then they all read that file.
+    waiting = WORLD_SIZE > 1 and dist.new_group(backend="gloo", timeout=timedelta(hours=5))
+    if waiting and LOCAL_RANK > 0:
+        dist.barrier(waiting)
     images = cached_images(files, args.image_size, args.fit, args.data, args.cache_dir, path)
-    os.makedirs(args.results_dir, exist_ok=True)  # only now, so that a bad input changes no file
+    if waiting and LOCAL_RANK == 0:
+        dist.barrier(waiting)
+    if MASTER:  # only now, so that a bad input changes no file
+        os.makedirs(args.results_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     train_rows, val_rows = split(len(images), args.val_fraction, args.seed)
     print(f"{len(train_rows)} training and {len(val_rows)} validation images from {args.data}")
@@ -107,26 +187,33 @@ def load_data(args, device):
 
 
 # --- One epoch of training --------------------------------------------------------------------
-def train_one_epoch(model, images, index, augment, optimizer, scheduler, shuffle, args, device,
-                    epoch):
-    """One pass over images[index], shuffled; the mean MSE and KL per image, summed on the
-    device and read once, so that the loop never waits for the GPU (no .item() per step)."""
-    order = torch.randperm(len(index), generator=shuffle).to(index.device)
-    batches = index[order].split(args.batch_size)
+def train_one_epoch(model, images, index, augment, optimizer, scheduler, scaler, shuffle, args,
+                    device, epoch, stop=()):
+    """One pass over this process's share of images[index], shuffled; the mean MSE and KL per
+    image, summed on the device and read once, so that the loop never waits for the GPU (no
+    .item() per step). None if, under torchrun, a process was told to stop during the epoch."""
+    order = torch.randperm(len(index), generator=shuffle).to(index.device)  # the same on all
+    batches = share(index[order]).split(args.batch_size)
     sums = torch.zeros(2, device=device)
-    for pick in tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", leave=False):
+    for step, pick in enumerate(tqdm(batches, f"epoch {epoch}/{args.epochs}", leave=False,
+                                     disable=not MASTER)):
+        if WORLD_SIZE > 1 and step % STOP_CHECK == 0 and agreed(stop, device):
+            return None  # torchrun kills its workers 30 s after Ctrl-C: no time to end the epoch
         x = to_model_range(augment(fetch(images, pick, device)))
         x = x.contiguous(memory_format=torch.channels_last)
-        # bfloat16 keeps float32's range, so unlike float16 it needs no loss scaling.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_amp):
+        # bfloat16 keeps float32's range; float16's small one needs the loss scaled (scaler).
+        with torch.autocast(device.type, getattr(torch, args.amp_dtype), enabled=args.use_amp):
             recon, mu, log_var = model(x)
         loss, mse, kl = vae_loss(recon.float(), x, mu.float(), log_var.float(), args.kl_weight)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()  # under DDP, the gradients are averaged over processes
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         sums += torch.stack([mse.detach(), kl.detach()])
-    return (sums / len(batches)).tolist()
+    if WORLD_SIZE > 1:
+        dist.all_reduce(sums)
+    return (sums / len(batches) / WORLD_SIZE).tolist()
 
 
 # --- Evaluation and pictures ------------------------------------------------------------------
@@ -227,11 +314,14 @@ def stage_two(model, images, index, args, device, stop, noise):
 # --- The run: the pieces above, in the order the data meets them ------------------------------
 def train(args):
     """Train the VAE, then its prior; returns the exit status (130 after Ctrl-C)."""
-    device = pick_device(args.device)
+    device = start_processes(args.device)
     checkpoint_path = os.path.join(args.results_dir, "checkpoint.pth")
+    # Restarted by torchrun (--max-restarts) after a lost worker: on from the last checkpoint.
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        args.resume = args.resume or from_rank_0(MASTER and os.path.isfile(checkpoint_path))
     args, resumed = resume_settings(args, checkpoint_path) if args.resume else (args, None)
     args = settings(args, device)
-    if resumed and finished(args, resumed):
+    if resumed and from_rank_0(MASTER and finished(args, resumed)):
         print(f"the run in {args.results_dir} is finished, its model in {args.out}: nothing left "
               "to do (new prior flags would train its prior again)")
         return 0
@@ -241,20 +331,26 @@ def train(args):
     # The model; channels_last (NHWC) is the layout oneDNN's and cuDNN's convolutions prefer.
     model = VAE(args.image_size, args.latent_channels, args.channels, args.fit)
     model = model.to(device, memory_format=torch.channels_last)
+    if RANK:  # the same weights in every process, but each its own augmentation and noise
+        torch.manual_seed(args.seed + RANK)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps = args.epochs * math.ceil(len(train_rows) / args.batch_size)
+    steps = args.epochs * math.ceil(len(share(train_rows)) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, steps,
                                                     pct_start=args.warmup)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.use_amp and args.amp_dtype == "float16")
     shuffle = torch.Generator().manual_seed(args.seed)
     saved_epoch, metrics = 0, []
     if resumed:  # everything that changes during training, so that the run goes on exactly
         for part, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")):
             part.load_state_dict(resumed[key])
+        scaler.load_state_dict(resumed.get("scaler") or scaler.state_dict())
         shuffle.set_state(resumed["shuffle_state"])
-        torch.set_rng_state(resumed["rng_state"])
+        torch.set_rng_state(resumed.get("rng_states", [resumed.get("rng_state")])[RANK])
         saved_epoch, metrics = resumed["epoch"], resumed["metrics"]
         print(f"resuming after epoch {saved_epoch} of {args.epochs} from {checkpoint_path}")
     step_model = torch.compile(model) if args.compile else model  # the same weights, compiled
+    if WORLD_SIZE > 1:  # DDP averages the gradients over the processes as backward makes them
+        step_model = DDP(step_model, device_ids=[device.index] if device.type == "cuda" else None)
     side = args.image_size // 8
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
           f"latent {args.latent_channels} x {side} x {side}")
@@ -267,34 +363,37 @@ def train(args):
     for epoch in range(saved_epoch + 1, args.epochs + 1):
         # Train: one shuffled pass over the training images, augmented, timed alone.
         tick = time.perf_counter()
-        mse, kl = train_one_epoch(step_model, images, train_rows, augment, optimizer, scheduler,
-                                  shuffle, args, device, epoch)
-        seconds = time.perf_counter() - tick
-        # Evaluate: the validation images, never augmented, reconstructed from mu.
-        row = {"epoch": epoch, "train_mse": mse, "train_kl": kl,
-               **evaluate(model, val_images, device, args.kl_weight),
-               "images_per_s": len(train_rows) / seconds,
-               "elapsed_s": time.perf_counter() - started}
-        check_finite(row, model, args, epoch)
-        # Report: one line here, one row in metrics.jsonl, the grids every --save-every epochs.
-        metrics.append(row)
-        print(f"epoch {epoch:3d}/{args.epochs}  train mse {mse:8.1f}  kl {kl:7.1f}  "
-              f"val loss {row['val_loss']:8.1f}  val psnr {row['val_psnr']:5.2f} dB  "
-              f"{row['images_per_s']:5.1f} img/s")
-        write_metrics(metrics, args.results_dir)
-        if epoch % args.save_every == 0 or epoch == args.epochs:
-            save_pictures(model, val_images[:GRID_IMAGES], noise, epoch, args.results_dir)
-        # Save: everything needed to continue exactly here after a crash or Ctrl-C.
-        save_checkpoint({**vae_checkpoint(model), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics,
-                         "shuffle_state": shuffle.get_state(), "rng_state": torch.get_rng_state(),
-                         "args": vars(args)}, checkpoint_path)
-        if stop:
-            saved = "epoch 1 is" if epoch == 1 else f"epochs 1-{epoch} are"
-            print(f"interrupted after epoch {epoch}; {saved} saved in {checkpoint_path}: "
-                  f"continue with `{resume_command(args)}`", file=sys.stderr)
-            return 130
+        losses = train_one_epoch(step_model, images, train_rows, augment, optimizer, scheduler,
+                                 scaler, shuffle, args, device, epoch, stop)
+        if losses is None:  # stopped within the epoch: the one before it is the last saved
+            return interrupted(args, epoch - 1, checkpoint_path)
+        seconds, states = time.perf_counter() - tick, rng_states()
+        if MASTER:  # one process evaluates, reports and saves; the others go straight on
+            # Evaluate: the validation images, never augmented, reconstructed from mu.
+            row = {"epoch": epoch, "train_mse": losses[0], "train_kl": losses[1],
+                   **evaluate(model, val_images, device, args.kl_weight),
+                   "images_per_s": len(train_rows) / seconds,
+                   "elapsed_s": time.perf_counter() - started}
+            check_finite(row, model, args, epoch)
+            # Report: a line here, a row in metrics.jsonl, the grids every --save-every epochs.
+            metrics.append(row)
+            print(f"epoch {epoch:3d}/{args.epochs}  train mse {row['train_mse']:8.1f}  kl "
+                  f"{row['train_kl']:7.1f}  val loss {row['val_loss']:8.1f}  val psnr "
+                  f"{row['val_psnr']:5.2f} dB  {row['images_per_s']:5.1f} img/s")
+            write_metrics(metrics, args.results_dir)
+            if epoch % args.save_every == 0 or epoch == args.epochs:
+                save_pictures(model, val_images[:GRID_IMAGES], noise, epoch, args.results_dir)
+            # Save: everything needed to continue exactly here after a crash or Ctrl-C.
+            save_checkpoint({**vae_checkpoint(model), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "epoch": epoch, "metrics": metrics, "world_size": WORLD_SIZE,
+                             "shuffle_state": shuffle.get_state(), "rng_states": states,
+                             "args": vars(args)}, checkpoint_path)
+        if agreed(stop, device):
+            return interrupted(args, epoch, checkpoint_path)
 
+    if not MASTER:  # rank 0 alone trains the prior (small: one GPU's work) and saves the model
+        return 0
     plot_loss_curve(metrics, args.results_dir)
     save_checkpoint(vae_checkpoint(model), args.out)  # first: Ctrl-C in stage two costs no VAE
     print(f"VAE done in {metrics[-1]['elapsed_s'] / 60:.1f} min: val PSNR "
@@ -323,10 +422,13 @@ def resume_settings(args, checkpoint_path):
     """(settings, checkpoint) of the run to resume, as it started; but the device, --results-dir,
     --cache-dir, --out and prior flags given are this command line's; other changes are refused."""
     try:
-        checkpoint = load_checkpoint(checkpoint_path)
+        checkpoint = from_rank_0(load_checkpoint(checkpoint_path) if MASTER else None)
     except (FileNotFoundError, CheckpointError):
         raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
                         "start a new run without --resume") from None
+    if checkpoint.get("world_size", 1) != WORLD_SIZE:  # each process's share and random draws
+        raise UserError(f"this run was trained by {checkpoint.get('world_size', 1)} process(es) "
+                        f"and resumes only with as many, not {WORLD_SIZE}; or start a new run")
     defaults = vars(parse_args([]))
     given = {key: value for key, value in vars(args).items() if value != defaults[key]}
     fresh = {key: value for key, value in given.items()
@@ -345,26 +447,47 @@ def resume_settings(args, checkpoint_path):
 
 def finished(args, checkpoint):
     """Nothing left to resume: all epochs done, the model saved, its prior too unless none asked."""
-    done = checkpoint["epoch"] == args.epochs and os.path.isfile(args.out)
-    has_prior = done and load_checkpoint(args.out).get("prior") is not None
-    return done and (args.prior_steps == 0 or has_prior and not args.new_prior)
+    if checkpoint["epoch"] < args.epochs:
+        return False
+    try:  # a model file that is gone or damaged is written again
+        prior = load_checkpoint(args.out).get("prior")
+    except (FileNotFoundError, CheckpointError):
+        return False
+    return args.prior_steps == 0 or prior is not None and not args.new_prior
+
+
+def interrupted(args, epoch, checkpoint_path):
+    """Exit status 130 after a stop, with the command that goes on from the last saved epoch."""
+    saved = "epoch 1 is" if epoch == 1 else f"epochs 1-{epoch} are"
+    go_on = f"{saved} saved in {checkpoint_path}: continue with `{resume_command(args)}`"
+    if MASTER:
+        print(f"interrupted after epoch {epoch}; " + (go_on if epoch else "start the run again"),
+              file=sys.stderr)
+    return 130
 
 
 def resume_command(args):
     where = f" --results-dir {shlex.quote(args.results_dir)}"
-    return "python train_vae.py --resume" + (where if args.results_dir != RESULTS_DIR else "")
+    start = "python" if WORLD_SIZE == 1 else "torchrun [the same options]"
+    return f"{start} train_vae.py --resume" + (where if args.results_dir != RESULTS_DIR else "")
 
 
 def stop_on_ctrl_c():
-    """The flag `stop`, a list empty until Ctrl-C: the epoch (or prior step) under way ends, is
-    saved, and the run stops cleanly. A second Ctrl-C stops at once; every save is atomic."""
+    """The flag `stop`, a list empty until Ctrl-C or SIGTERM (Slurm, Kubernetes, kill): the
+    epoch (or prior step) under way ends, is saved, and the run stops cleanly. A second one
+    stops at once (every save is atomic); not under torchrun, which passes each on to all."""
     stop = []
-    def on_ctrl_c(signum, frame):
+    def on_stop(signum, frame):
         stop.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: saving the work under way, then stopping (press it again to stop at once)",
-              file=sys.stderr)
-    signal.signal(signal.SIGINT, on_ctrl_c)
+        if WORLD_SIZE == 1:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if len(stop) == 1:
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            print(f"\n{name}: saving the work under way, then stopping (again: stop at once)",
+                  file=sys.stderr)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_stop)
     return stop
 
 
@@ -412,5 +535,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def main():
+    try:
+        return train(parse_args())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    run_main(lambda: train(parse_args()))
+    run_main(main)

@@ -8,7 +8,8 @@ CUDA GPU, in under 8 minutes from a fresh clone:
 
 In order: installs requirements.txt (and pytest), runs the test suite, decodes the images,
 trains the VAE for a fixed budget at 512 px and at 128 px, times the learned prior and its
-guide over the 512-px latent, and draws 16 samples at 512 px. It prints images/s at both
+guide over the 512-px latent, draws 16 samples at 512 px, and trains 2 epochs at 128 px under
+torchrun with one process, then with every GPU where there are several (NCCL proven). It prints images/s at both
 sizes, peak GPU memory, the prior's steps/s and the projected wall time of the full default
 run; everything goes to --out: log.txt, results.json, samples_512.png.
 
@@ -63,25 +64,27 @@ def train_for(seconds, images, size, batch_size, device, log):
     import image_data
     import train_vae
     from vae_model import VAE
-    args = train_vae.parse_args(["--image-size", str(size), "--batch-size", str(batch_size)])
-    args.epochs, args.use_amp = train_vae.EPOCHS, cli.bf16_is_fast(device)
+    args = train_vae.parse_args(["--image-size", str(size), "--batch-size", str(batch_size),
+                                 "--epochs", str(train_vae.EPOCHS)])
+    args = train_vae.settings(args, device)  # its precision: bfloat16, float16 (old GPUs) or none
     train_rows, val_rows = image_data.split(len(images), args.val_fraction, args.seed)
     val_images = images[val_rows].to(device)
     images, train_rows = image_data.place_images(images, train_rows, device)
     log(f"{size} px: {len(train_rows)} training images "
         f"{'on the GPU' if images.device.type == 'cuda' else 'in host memory'}, batch {batch_size}, "
-        f"bfloat16 autocast {'on' if args.use_amp else 'off'}")
+        f"{args.amp_dtype if args.use_amp else 'no'} autocast")
     model = VAE(size, args.latent_channels, args.channels).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps = args.epochs * -(-len(train_rows) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, steps, pct_start=args.warmup)
     augment, shuffle = image_data.make_augment(args.rotation), torch.Generator().manual_seed(args.seed)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.use_amp and args.amp_dtype == "float16")
     started, timed, counted, epoch = time.perf_counter(), 0.0, 0, 0
     while epoch < 2 or time.perf_counter() - started < seconds:
         epoch += 1
         tick = time.perf_counter()
-        mse, kl = train_vae.train_one_epoch(model, images, train_rows, augment, optimizer, scheduler, shuffle,
-                                            args, device, epoch)  # .tolist() at its end waits for the GPU
+        mse, kl = train_vae.train_one_epoch(model, images, train_rows, augment, optimizer, scheduler, scaler,
+                                            shuffle, args, device, epoch)  # .tolist() at its end waits for the GPU
         if epoch > 1:
             timed, counted = timed + time.perf_counter() - tick, counted + len(train_rows)
     tick = time.perf_counter()
@@ -140,7 +143,7 @@ def measure(args, log):
         model.eval()
         codes = torch.cat([model.encode(image_data.to_model_range(x).contiguous(memory_format=torch.channels_last))[0]
                            for batch in train_images.split(32) for x in (batch, batch.flip(-1))]).float()
-    use_amp = cli.bf16_is_fast(device)
+    use_amp = cli.bf16_is_fast(device)  # the prior's autocast is bfloat16's, as in train_vae.py
     results["prior_steps_per_s"], prior = time_prior(codes, train_vae.PRIOR_WIDTH, prior_steps, use_amp)
     results["guide_steps_per_s"], guide = time_prior(codes, train_vae.PRIOR_GUIDE_WIDTH, prior_steps, use_amp)
     log(f"learned prior over the {tuple(codes.shape[1:])} latent: {prior.config['levels']} levels, "
@@ -178,6 +181,26 @@ def measure(args, log):
     return results
 
 
+def check_torchrun(args, log):
+    """A few seconds of train_vae.py under torchrun: one process, then every GPU where there are
+    several, so that NCCL (gloo in the CPU mode) is proven here. {processes: images/s or None}."""
+    import torch
+    counts = [1] if args.cpu or torch.cuda.device_count() < 2 else [1, torch.cuda.device_count()]
+    size = CPU_SIZES[1] if args.cpu else 128
+    speeds, data = {}, os.path.abspath(args.data) if os.path.isdir(args.data) else args.data
+    for n in counts:
+        out = os.path.abspath(os.path.join(args.out, f"torchrun_{n}"))  # torchrun runs in ROOT
+        status = log.run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+                         "train_vae.py", "--data", data, "--epochs", "2", "--image-size", str(size),
+                         "--prior-steps", "0", "--results-dir", out, "--out", os.path.join(out, "m.pth"),
+                         *(["--device", "cpu"] if args.cpu else []))
+        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))] if status == 0 else []
+        speeds[n] = rows[-1]["images_per_s"] if rows else None
+        log(f"torchrun, {n} process(es): {'exit status %d' % status if status else 'trained'}"
+            + (f", {speeds[n]:.1f} images/s at {size} px in its second epoch" if rows else ""))
+    return speeds
+
+
 def main():
     p = argparse.ArgumentParser(description="The prepared GPU check: tests, speed, memory, a projected run.")
     p.add_argument("--data", default=None, help="a folder of images (default: train_vae.py's Hub data set)")
@@ -206,6 +229,7 @@ def main():
     args.data = args.data or train_vae.DATASET
     try:
         results = measure(args, log)
+        results["torchrun_images_per_s"] = check_torchrun(args, log)
     except cli.UserError as error:
         log(f"error: {error}")
         sys.exit(2)
@@ -214,7 +238,7 @@ def main():
         json.dump(results, file, indent=1)
     log(f"test suite: {'skipped' if tests is None else 'passed' if tests == 0 else f'FAILED (exit {tests})'}; "
         f"wall time {results['wall_min']:.1f} min; all in {args.out}/")
-    sys.exit(1 if tests else 0)
+    sys.exit(1 if tests or None in results["torchrun_images_per_s"].values() else 0)
 
 
 if __name__ == "__main__":

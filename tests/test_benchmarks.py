@@ -111,6 +111,7 @@ def test_the_gpu_check_runs_end_to_end_in_its_cpu_mode(image_folder, tmp_path):
     assert f"| images/s at 32 px, batch 8 | {results['images_per_s_big']:.1f} |" in log
     assert f"| {results['projected_total_min']:.0f} min" in log and "test suite: skipped" in log
     assert "latent: 2 levels" in log  # the 4 x 4 latent of 32 px
+    assert results["torchrun_images_per_s"]["1"] > 0 and "torchrun, 1 process(es): trained" in log
     with Image.open(out / "samples_32.png") as grid:  # 16 samples of 32 px, 8 to a row
         assert grid.size == (8 * 34 + 2, 2 * 34 + 2)
         assert len(np.unique(np.asarray(grid.convert("RGB")).reshape(-1, 3), axis=0)) > 16

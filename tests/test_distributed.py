@@ -1,0 +1,190 @@
+"""train_vae.py under torchrun: 2 CPU processes with gloo train one model, and survive Ctrl-C,
+SIGTERM and a lost worker. Each test starts torchrun as a user would (python -m torch.distributed.run)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ddp_step
+import train_vae
+from conftest import CACHE_HOME, HF_HOME, ROOT, assert_user_error, run_script
+from latent_prior import load_prior
+from vae_model import load_vae
+
+RUN = ("--epochs", 6, "--image-size", 32, "--batch-size", 2, "--save-every", 100, "--prior-steps", 0,
+       "--device", "cpu", "--seed", 1)
+
+
+def torchrun(*args, nproc=2, cwd=None, wait=True, torchrun_flags=()):
+    """torchrun with `nproc` processes of one thread each on train_vae.py (or another script)."""
+    script = args[0] if str(args[0]).endswith(".py") else os.path.join(ROOT, "train_vae.py")
+    args = args[1:] if script == args[0] else args
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": HF_HOME, "XDG_CACHE_HOME": CACHE_HOME, "MPLBACKEND": "Agg"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               *torchrun_flags, script, *map(str, args)]
+    if not wait:
+        return subprocess.Popen(command, cwd=cwd or ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def weights(path):
+    return load_vae(path).state_dict()
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def metrics_without_timing(results):
+    rows = [eval(line.replace("NaN", "float('nan')"), {}) for line in (results / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("images_per_s", "elapsed_s")} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory, image_folder):
+    """A 2-process run of RUN, never stopped: what a stopped and resumed one must equal."""
+    work = tmp_path_factory.mktemp("undisturbed")
+    result = torchrun("--data", image_folder, *RUN, "--results-dir", work / "r", "--out", work / "m.pth")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"work": work, "stdout": result.stdout, "stderr": result.stderr}
+
+
+def test_two_processes_average_the_gradients_of_one_process_with_twice_the_batch(tmp_path):
+    """2 ranks x batch 3 against 1 process x batch 6, on the same 6 images, augmentation and noise
+    off: every image is in exactly one rank's share, and DDP averages what they computed."""
+    result = torchrun(os.path.join(ROOT, "tests", "ddp_step.py"), 3, tmp_path / "two.pt", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    gradients, losses = ddp_step.one_step(6)
+    for a, b in zip(gradients, two["gradients"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two["losses"], losses, rtol=1e-5, atol=0)
+
+
+def test_each_process_takes_an_equal_share_and_together_every_image(monkeypatch):
+    order = torch.tensor([4, 0, 6, 2, 5, 1, 3])
+    monkeypatch.setattr(train_vae, "WORLD_SIZE", 3)
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(train_vae, "RANK", rank)
+        shares.append(train_vae.share(order).tolist())
+    assert shares == [[4, 2, 3], [0, 5, 4], [6, 1, 0]]  # 7 filled up to 9 from the start
+
+
+def test_torchrun_trains_one_model_in_half_the_steps_that_sample_vae_loads(undisturbed):
+    work, results = undisturbed["work"], undisturbed["work"] / "r"
+    assert "2 processes x batch 2 = 4" in undisturbed["stdout"].splitlines()[0]
+    assert undisturbed["stdout"].count("epoch   1/6") == 1  # rank 0 alone speaks
+    assert [row["epoch"] for row in metrics_without_timing(results)] == list(range(1, 7))
+    checkpoint = torch.load(results / "checkpoint.pth", weights_only=True)
+    # 11 training images: one process takes 6 steps of 2 an epoch, each of two processes 3.
+    assert checkpoint["scheduler"]["_step_count"] - 1 == 6 * 3
+    assert checkpoint["world_size"] == 2 and len(checkpoint["rng_states"]) == 2
+    assert not torch.equal(*checkpoint["rng_states"])  # each its own augmentation draws
+    result = run_script("sample_vae.py", "--model", work / "m.pth", "--no-show", "--device", "cpu",
+                        "--out", work / "recon.png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_prior(work / "m.pth") == (None, None)
+
+
+def test_a_resume_with_another_number_of_processes_is_refused(undisturbed):
+    result = run_script("train_vae.py", "--resume", "--results-dir", undisturbed["work"] / "r")
+    assert_user_error(result, "trained by 2 process(es)", "not 1")
+
+
+def worker_pids(process):
+    """{rank: pid} of torchrun's workers."""
+    pids = {}
+    for child in open(f"/proc/{process.pid}/task/{process.pid}/children").read().split():
+        environ = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+        rank = next(int(item[5:]) for item in environ if item.startswith(b"RANK="))
+        pids[rank] = int(child)
+    return pids
+
+
+def wait_for_epoch(process, epoch):
+    for line in process.stdout:
+        if line.startswith(f"epoch {epoch:3d}/"):
+            return
+    raise AssertionError(f"the run ended before epoch {epoch}: {process.stderr.read()[-3000:]}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers in /proc")
+def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_undisturbed(tmp_path, image_folder, undisturbed):
+    process = torchrun("--data", image_folder, *RUN, "--results-dir", tmp_path / "r", "--out", tmp_path / "m.pth",
+                       wait=False, torchrun_flags=("--max-restarts", "1"))
+    wait_for_epoch(process, 2)
+    os.kill(worker_pids(process)[1], signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "resuming after epoch" in stdout
+    assert metrics_without_timing(tmp_path / "r") == metrics_without_timing(undisturbed["work"] / "r")
+    assert_same_weights(weights(tmp_path / "m.pth"), weights(undisturbed["work"] / "m.pth"))
+
+
+def test_ctrl_c_stops_every_process_and_resume_ends_as_if_undisturbed(tmp_path, image_folder, undisturbed):
+    run = ("--data", image_folder, *RUN, "--results-dir", tmp_path / "r", "--out", tmp_path / "m.pth")
+    process = torchrun(*run, wait=False)
+    wait_for_epoch(process, 2)
+    process.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends torchrun, which passes it on
+    _, stderr = process.communicate(timeout=120)
+    assert "Ctrl-C: saving the work under way" in stderr and "Traceback" not in stderr.split("Ctrl-C")[1].split("torch.distributed")[0]
+    assert stderr.count("interrupted after epoch") == 1, stderr[-3000:]
+    stopped = torch.load(tmp_path / "r" / "checkpoint.pth", weights_only=True)["epoch"]
+    assert 2 <= stopped < 6 and not (tmp_path / "m.pth").exists()
+    result = torchrun(*run, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming after epoch {stopped} of 6" in result.stdout
+    assert metrics_without_timing(tmp_path / "r") == metrics_without_timing(undisturbed["work"] / "r")
+    assert_same_weights(weights(tmp_path / "m.pth"), weights(undisturbed["work"] / "m.pth"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_build_a_cache_each_and_train_one_model(tmp_path, image_folder):
+    """Two torchrun agents with --nnodes 2 on this machine, each with its own cache and results
+    folders, as two machines without a shared disk would have."""
+    flags = ("--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+             "--rdzv-id", "vae-test")
+    agents = [torchrun("--data", image_folder, "--epochs", 2, *RUN[2:], "--cache-dir", tmp_path / f"cache{n}",
+                       "--results-dir", tmp_path / f"r{n}", "--out", tmp_path / f"m{n}.pth", nproc=1,
+                       wait=False, torchrun_flags=flags) for n in (0, 1)]
+    ended = [agent.communicate(timeout=300) for agent in agents]
+    for agent, (_, stderr) in zip(agents, ended):
+        assert agent.returncode == 0, stderr[-3000:]
+    for n in (0, 1):
+        assert len(os.listdir(tmp_path / f"cache{n}")) == 1  # one cache file each
+    models = [n for n in (0, 1) if (tmp_path / f"m{n}.pth").exists()]
+    assert len(models) == 1 and (tmp_path / f"r{models[0]}" / "checkpoint.pth").exists()
+    assert not (tmp_path / f"r{1 - models[0]}").exists()
+    assert "2 processes x batch 2 = 4" in ended[models[0]][0]
+
+
+@pytest.mark.parametrize("device, phrase", [("mps", "pass --device auto, cuda or cpu"),
+                                            ("cuda:1", "takes the GPU of its LOCAL_RANK")])
+def test_a_device_that_torchrun_cannot_share_out_is_refused_in_one_sentence(device, phrase, monkeypatch):
+    monkeypatch.setattr(train_vae, "WORLD_SIZE", 2)
+    with pytest.raises(train_vae.UserError, match=phrase):
+        train_vae.start_processes(device)
+
+
+def test_more_processes_than_gpus_is_refused_in_one_sentence(monkeypatch):
+    monkeypatch.setattr(train_vae, "WORLD_SIZE", 2)
+    monkeypatch.setattr(train_vae, "LOCAL_RANK", 1)
+    monkeypatch.setattr(train_vae, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(train_vae.UserError, match=r"more processes on this machine than it has GPUs \(1\)"):
+        train_vae.start_processes("auto")
