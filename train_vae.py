@@ -337,7 +337,10 @@ def train(args):
     steps = args.epochs * math.ceil(len(share(train_rows)) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, steps,
                                                     pct_start=args.warmup)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.use_amp and args.amp_dtype == "float16")
+    # float16 overflows above 65504. The loss is summed over every pixel, so GradScaler's default
+    # first scale, 2^16, overflows for a dozen steps; it settles at 2^17 / pixels (measured).
+    scaler = torch.amp.GradScaler(device.type, 2.0 ** 17 / args.image_size ** 2,
+                                  enabled=args.use_amp and args.amp_dtype == "float16")
     shuffle = torch.Generator().manual_seed(args.seed)
     saved_epoch, metrics = 0, []
     if resumed:  # everything that changes during training, so that the run goes on exactly
@@ -475,13 +478,12 @@ def resume_command(args):
 def stop_on_ctrl_c():
     """The flag `stop`, a list empty until Ctrl-C or SIGTERM (Slurm, Kubernetes, kill): the
     epoch (or prior step) under way ends, is saved, and the run stops cleanly. A second one
-    stops at once (every save is atomic); not under torchrun, which passes each on to all."""
+    stops at once; every save is atomic. (torchrun passes one on to every process.)"""
     stop = []
     def on_stop(signum, frame):
         stop.append(signum)
-        if WORLD_SIZE == 1:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if len(stop) == 1:
             name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
             print(f"\n{name}: saving the work under way, then stopping (again: stop at once)",

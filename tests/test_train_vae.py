@@ -170,6 +170,27 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_epochs(tmp_path, image_folder
     assert load_vae(tmp_path / "m.pth").image_size == 32 and load_prior(tmp_path / "m.pth") == (None, None)
 
 
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, image_folder):
+    """What Slurm, Kubernetes and `kill` send: the epoch under way ends and is saved."""
+    results = tmp_path / "results"
+    args = [sys.executable, os.path.join(ROOT, "train_vae.py"), "--data", image_folder, "--epochs", "60",
+            "--image-size", "32", "--batch-size", "4", "--prior-steps", "0", "--device", "cpu",
+            "--out", str(tmp_path / "m.pth"), "--results-dir", str(results)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": HF_HOME, "MPLBACKEND": "Agg"}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+            (results / "metrics.jsonl").exists() and len(read_metrics(results)) >= 2):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "SIGTERM: saving the work under way" in stderr and "Traceback" not in stderr
+    stopped = torch.load(results / "checkpoint.pth", weights_only=True)["epoch"]
+    assert 2 <= stopped < 60 and len(read_metrics(results)) == stopped
+    assert f"interrupted after epoch {stopped}; epochs 1-{stopped} are saved" in stderr
+
+
 SMALL_RUN = ("--epochs", 5, "--image-size", 32, "--batch-size", 4, "--save-every", 100, "--prior-steps", 0,
              "--device", "cpu", "--amp", "off", "--seed", 3)
 
@@ -357,6 +378,48 @@ def test_amp_runs_the_vae_and_its_prior_in_bfloat16_exactly_when_it_says_so(tmp_
     assert dtypes == {"vae": expected, "prior": expected}
     if amp != "auto":
         assert said_bf16 == (amp == "on")
+
+
+@pytest.mark.parametrize("capability, dtype, said", [((7, 5), "float16", "float16 autocast with loss scaling"),
+                                                    ((8, 0), "bfloat16", "bfloat16 autocast")])
+def test_a_cuda_gpu_autocasts_in_the_precision_its_tensor_cores_have(monkeypatch, capsys, capability, dtype,
+                                                                     said):
+    """A T4 (7.5) emulates bfloat16 but runs float16 natively; from 8.0 (A100, L4) bfloat16."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    args = train_vae.settings(train_vae.parse_args([]), torch.device("cuda"))
+    assert (args.use_amp, args.amp_dtype) == (True, dtype)
+    assert capsys.readouterr().out == f"device cuda: 512 px, 200 epochs, batch 8, {said}\n"
+    args = train_vae.settings(train_vae.parse_args(["--amp", "off"]), torch.device("cuda"))
+    assert not args.use_amp and "autocast" not in capsys.readouterr().out
+
+
+def test_float16_scales_the_loss_without_overflow_and_its_scaler_resumes_exactly(tmp_path, image_folder,
+                                                                                monkeypatch):
+    """The float16 path of an older GPU, run on the CPU (its autocast and GradScaler work there):
+    no step is skipped for an overflow, and the scaler is saved with each epoch, so that a
+    resumed run equals one never stopped."""
+    real_settings = train_vae.settings
+
+    def float16_settings(args, device):
+        args = real_settings(args, device)
+        args.use_amp, args.amp_dtype = True, "float16"
+        return args
+    monkeypatch.setattr(train_vae, "settings", float16_settings)
+    run = ("--data", image_folder, "--epochs", 3, "--image-size", 32, "--batch-size", 4, "--prior-steps", 0,
+           "--device", "cpu")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train_in_process(*run, "--results-dir", whole, "--out", whole / "m.pth") == 0
+    scaler = torch.load(whole / "checkpoint.pth", weights_only=True)["scaler"]
+    assert scaler["scale"] == 2.0 ** 17 / 32 ** 2 and scaler["_growth_tracker"] == 9  # 9 steps, none skipped
+    real_epoch = train_vae.train_one_epoch
+    interrupt_in_epoch(monkeypatch, 2)
+    assert train_in_process(*run, "--results-dir", parts, "--out", parts / "m.pth") == 130
+    assert torch.load(parts / "checkpoint.pth", weights_only=True)["scaler"]["_growth_tracker"] == 6
+    monkeypatch.setattr(train_vae, "train_one_epoch", real_epoch)
+    assert train_in_process("--resume", "--results-dir", parts) == 0
+    assert torch.load(parts / "checkpoint.pth", weights_only=True)["scaler"] == scaler
+    a, b = load_vae(whole / "m.pth").state_dict(), load_vae(parts / "m.pth").state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 # ------------------------------------------------------------------ stage two: the learned prior
