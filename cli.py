@@ -2,6 +2,7 @@
 user can fix, checked flag values, the device and its precision, that an output can be written."""
 import argparse
 import os
+import signal
 import sys
 import tempfile
 
@@ -105,3 +106,21 @@ def check_writable(path, flag):
     except OSError as error:
         raise UserError(f"cannot write to the folder {folder} ({error.strerror}); pass {flag} "
                         "with a path in a folder you can write to") from error
+
+
+def stop_on_signals():
+    """The flag `stop`, a list empty until Ctrl-C or SIGTERM (Slurm, Kubernetes, kill; torchrun
+    passes either on to every process): the work under way ends, is saved, and the run stops
+    cleanly. A second one stops at once; every save is atomic."""
+    stop = []
+
+    def on_stop(signum, frame):
+        stop.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\n{name}: saving the work under way, then stopping (again: stop at once)",
+              file=sys.stderr)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_stop)
+    return stop

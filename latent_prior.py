@@ -1,12 +1,11 @@
 """
 Stage two: a learned prior over the VAE's latent space, a small denoising diffusion model.
 
-N(0, I) is the prior the KL term pulls toward, but with a weak KL weight the encoder's codes
-fill only a thin, structured part of that space: decoding plain noise paints colour patches.
-So, as Stable Diffusion does on top of its VAE, a second model learns where the codes are: it
-learns to remove noise from noised latents, and sampling removes it step by step from pure noise
-(Ho et al. 2020, "DDPM"; deterministic steps as in Song et al. 2021, "DDIM"). Read top to
-bottom: the network, the noise schedule and the loss, training, sampling, loading.
+With a weak KL weight the encoder's codes fill only a thin part of N(0, I): decoding plain noise
+paints colour patches. So, as Stable Diffusion does on top of its VAE, a second model learns to
+remove noise from noised latents, and sampling removes it step by step from pure noise (Ho et
+al. 2020, "DDPM"; deterministic steps as in Song et al. 2021, "DDIM"). Read top to bottom: the
+network, the noise schedule and the loss, training, sampling, loading.
 """
 import math
 
@@ -50,10 +49,8 @@ class Attention(nn.Module):
 
 
 def levels_for(side):
-    """How many resolutions the U-Net has over a latent `side` positions a side: one more per
-    doubling, so that attention, at the lowest, sees 8 to 15 a side (16 x 16, the latent of
-    128 px: 2 levels; 64 x 64, of 512 px: 4). At a fixed depth a convolution sees less of a
-    larger figure."""
+    """The U-Net's resolutions over a latent `side` positions a side: one more per doubling, so
+    that attention, at the lowest, sees 8 to 15 a side (128 px: 2 levels; 512 px: 4)."""
     levels = 2
     while side / 2 ** levels >= 8:
         levels += 1
@@ -192,14 +189,11 @@ def fit_prior(codes, width, steps, batch_size, lr, generator, use_amp=False, sto
 def sample_prior(prior, noise, steps=200, guide=None, guidance=1.5, interval=(0.2, 0.7)):
     """Turn noise (B, latent, h, w) into latents of the first stage in `steps` deterministic
     DDIM steps: at each, estimate the clean latent and the noise from v, then re-mix them at
-    the next, lower noise level. Autoguidance (Karras et al. 2024): `guide` is a smaller prior
-    trained for fewer steps on the same codes. Where the two disagree, the small one is the more
-    wrong, so each step goes `guidance` times as far from the guide's prediction as the prior's
-    own (1 turns it off): away from the errors the weaker model makes more of, such as a
-    patchwork of colours, without labels. It acts only at noise levels t inside `interval`
-    (Kynkäänniemi et al. 2024): near pure noise, where the figure's place and size are decided,
-    it pulls the samples away from the data's layouts; in the middle it sharpens colour regions
-    most (benchmarks/README.md)."""
+    the next, lower noise level. Autoguidance (Karras et al. 2024): `guide`, a smaller prior
+    trained shorter, is the more wrong where the two disagree, so each step goes `guidance`
+    times as far from its prediction as the prior's own (1: off), away from the weak model's
+    errors, such as a patchwork of colours. Only at noise levels t inside `interval`
+    (Kynkäänniemi et al. 2024): near pure noise it would pull the figures' layouts astray."""
     z = noise
     times = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
     # Decided once on the CPU: a tensor comparison in the loop would wait for the GPU each step.

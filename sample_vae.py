@@ -97,8 +97,7 @@ def save_grid(images, path, nrow, show):
     print(f"saved {path}")
     if show:
         import matplotlib.pyplot as plt
-        from torchvision.utils import make_grid
-        plt.imshow(to_picture(make_grid(images, nrow=nrow, padding=2, pad_value=1)))
+        plt.imshow(plt.imread(path))  # the grid just saved, as it is on disk
         plt.axis("off")
         plt.show()
 
@@ -278,11 +277,10 @@ def check_mode_flags(p, args):
     """p.error (exit status 2) for a value out of range, or a flag the chosen mode would ignore:
     the user expects it to act. The learned prior's own flags are errors with another prior."""
     learned_only = ("sample_steps", "guidance", "guidance_interval")
-    generate_only = ("prior", "temperature") + learned_only
     if args.guidance_interval[0] > args.guidance_interval[1]:
-        p.error("argument --guidance-interval: LO must not exceed HI, "
-                f"got {args.guidance_interval}")
-    changed = [key for key in generate_only + ("steps",)
+        p.error(f"argument --guidance-interval: LO must not exceed HI, got "
+                f"{args.guidance_interval}")
+    changed = [key for key in ("prior", "temperature", "steps") + learned_only
                if getattr(args, key) != p.get_default(key)]
     uses = {"--generate N": args.generate, "--interpolate A B": args.interpolate}
     for key in changed:

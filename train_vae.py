@@ -5,16 +5,14 @@ Train the VAE of vae_model.py on Pokémon images, then a learned prior over its 
     python train_vae.py --data path/to/folder    # any folder of images, offline
     torchrun --nproc_per_node 4 train_vae.py     # one model trained by 4 GPUs (DDP)
 
-Read top to bottom: settings, several processes, data, one epoch, evaluation and pictures, stage
-two (the prior of latent_prior.py), and train(), which runs them in that order; then faults and
-the command line.
+Read top to bottom: settings, processes, data, an epoch, evaluation and pictures, stage two (the
+prior of latent_prior.py), and train(), which runs them in that order; faults; the command line.
 """
 import argparse
 import json
 import math
 import os
 import shlex
-import signal
 import sys
 import time
 from datetime import timedelta
@@ -27,7 +25,7 @@ from tqdm import tqdm
 
 from cli import (HelpWithDefaults, UserError, angle, bf16_is_fast, channel_list, check_writable,
                  counted, fraction, multiple_of_8, pick_device, positive_float, positive_int,
-                 run_main, steps_or_0, unet_width, zero_or_positive)
+                 run_main, steps_or_0, stop_on_signals, unet_width, zero_or_positive)
 from image_data import (DEFAULT_CACHE_DIR, cache_path, cached_images, fetch, image_files,
                         make_augment, place_images, save_png, split, to_model_range)
 from latent_prior import fit_prior, sample_prior
@@ -66,10 +64,9 @@ CACHE_DIR = DEFAULT_CACHE_DIR  # decoded images (~/.cache/vae_pokemon); delete i
 # -----------------------------------------------------------------------------------------------
 GRID_IMAGES = 8           # validation images shown in each reconstruction grid
 STOP_CHECK = 20           # steps between the checks, under torchrun, that no process was stopped
-# torchrun starts one process per GPU and tells each its place; a plain `python` run is 0 of 1.
+# torchrun tells each process its place (a plain `python` run is 0 of 1); rank 0 alone speaks.
 RANK, LOCAL_RANK = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
-MASTER = RANK == 0        # the one process that evaluates, prints and writes files
+WORLD_SIZE, MASTER = int(os.environ.get("WORLD_SIZE", 1)), os.environ.get("RANK", "0") == "0"
 
 
 def settings(args, device):
@@ -81,20 +78,18 @@ def settings(args, device):
     args.image_size = args.image_size or (CPU_IMAGE_SIZE if cpu else IMAGE_SIZE)
     args.epochs = args.epochs or (CPU_EPOCHS if cpu else EPOCHS)
     args.batch_size = args.batch_size or (CPU_BATCH_SIZE if cpu else BATCH_SIZE)
-    # A CUDA GPU before compute capability 8.0 (T4, V100) has tensor cores for float16, not
-    # bfloat16: float16 is 8x float32's speed on a T4; its small range needs a GradScaler.
+    # A CUDA GPU before compute capability 8.0 (T4, V100) has float16 tensor cores, no bfloat16
+    # (float16 is 8x float32's speed on a T4); float16's small range needs a GradScaler.
     old_gpu = device.type == "cuda" and not bf16_is_fast(device)
     args.use_amp = args.amp == "on" or (args.amp == "auto" and (old_gpu or bf16_is_fast(device)))
     args.amp_dtype = "float16" if old_gpu else "bfloat16"
     batch = f"batch {args.batch_size}"
     if WORLD_SIZE > 1:  # --batch-size is each process's, as in PyTorch's DDP and nanoGPT
         batch = f"{WORLD_SIZE} processes x batch {args.batch_size} = {WORLD_SIZE * args.batch_size}"
-    line = (f"device {device.type if WORLD_SIZE > 1 else device}: {args.image_size} px, "
-            f"{counted(args.epochs, 'epoch')}, {batch}")
-    if args.use_amp:
-        line += f", {args.amp_dtype} autocast" + (" with loss scaling" if old_gpu else "")
-    if args.compile:
-        line += ", torch.compile"
+    line = f"device {device}: {args.image_size} px, {counted(args.epochs, 'epoch')}, {batch}"
+    line += f", {args.amp_dtype} autocast" if args.use_amp else ""
+    line += " with loss scaling" if args.use_amp and old_gpu else ""
+    line += ", torch.compile" if args.compile else ""
     if cpu and unset:
         line += (f" (CPU defaults for {', '.join(unset)}; with a CUDA GPU: {IMAGE_SIZE} px, "
                  f"{EPOCHS} epochs, batch {BATCH_SIZE})")
@@ -255,9 +250,8 @@ def plot_loss_curve(metrics, results_dir):
     import matplotlib.pyplot as plt  # here, not at the top: --help answers without it
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [row["epoch"] for row in metrics]
-    curves = {"train_mse": "train reconstruction (summed MSE)",
-              "val_loss": "val loss (MSE + weight x KL)", "train_kl": "train KL (nats)"}
-    for key, label in curves.items():
+    for key, label in (("train_mse", "train reconstruction (summed MSE)"), ("train_kl", "train "
+                       "KL (nats)"), ("val_loss", "val loss (MSE + weight x KL)")):
         left.plot(epochs, [row[key] for row in metrics], label=label)
     left.set(xlabel="epoch", ylabel="per image", yscale="log", title="Loss")
     left.legend()
@@ -271,12 +265,9 @@ def plot_loss_curve(metrics, results_dir):
 
 # --- Stage two: a learned prior over the trained VAE's latent space ---------------------------
 def stage_two(model, images, index, args, device, stop, noise):
-    """Fit the prior to the latent means of the training images and of their mirror images (a
-    Pokémon facing the other way is still a Pokémon). Not to the training augmentation: the
-    prior draws whatever its codes show, and a rotated copy shows a tilted frame, a darker one
-    a grey background. Means, not samples z ~ q(z|x): the posterior's noise is about as large
-    as the means' spread, and the decoder ignores it. Then the guide, smaller and shorter, on the
-    same codes, after the prior (which trains as alone); both go with the VAE. False on Ctrl-C."""
+    """Fit the prior, then its smaller guide, to the latent means of the training images and
+    their mirrors (not the augmentation: the prior would draw its tilted frames and grey
+    backgrounds); means, as the decoder ignores the posterior's noise. False on Ctrl-C."""
     tick = time.perf_counter()
     model.eval()
     mus = []
@@ -360,7 +351,7 @@ def train(args):
     augment = make_augment(args.rotation, args.fit, args.image_size)
     noise_seed = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(16, args.latent_channels, side, side, generator=noise_seed).to(device)
-    stop = stop_on_ctrl_c()
+    stop = stop_on_signals()
     started = time.perf_counter() - (metrics[-1]["elapsed_s"] if metrics else 0.0)
 
     for epoch in range(saved_epoch + 1, args.epochs + 1):
@@ -411,8 +402,8 @@ def train(args):
 # --- Faults: divergence, resuming, Ctrl-C (not needed to follow the VAE) ----------------------
 def check_finite(row, model, args, epoch):
     """A non-finite loss or weight is never saved: the last good checkpoint stays as it is."""
-    weights_finite = all(p.isfinite().all() for p in model.parameters())
-    if all(map(math.isfinite, row.values())) and weights_finite:
+    finite = all(w.isfinite().all() for w in model.parameters())
+    if finite and all(map(math.isfinite, row.values())):
         return
     loss = row["train_mse"] + row["train_kl"]
     raise UserError(f"training diverged in epoch {epoch} (loss {loss:g},"
@@ -475,24 +466,6 @@ def resume_command(args):
     return f"{start} train_vae.py --resume" + (where if args.results_dir != RESULTS_DIR else "")
 
 
-def stop_on_ctrl_c():
-    """The flag `stop`, a list empty until Ctrl-C or SIGTERM (Slurm, Kubernetes, kill): the
-    epoch (or prior step) under way ends, is saved, and the run stops cleanly. A second one
-    stops at once; every save is atomic. (torchrun passes one on to every process.)"""
-    stop = []
-    def on_stop(signum, frame):
-        stop.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if len(stop) == 1:
-            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            print(f"\n{name}: saving the work under way, then stopping (again: stop at once)",
-                  file=sys.stderr)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_stop)
-    return stop
-
-
 # --- Command line: every setting above has a flag, and the constant is its default ------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a convolutional VAE on Pokémon images, then "
@@ -502,22 +475,18 @@ def parse_args(argv=None):
     add("--data", default=DATASET, help="Hub data set name or local image folder")
     add("--epochs", type=positive_int, help=by_gpu("passes over the data", EPOCHS, CPU_EPOCHS))
     add("--image-size", type=multiple_of_8, help=by_gpu("px", IMAGE_SIZE, CPU_IMAGE_SIZE))
-    add("--fit", choices=["pad", "crop"], default=FIT,
-        help="pad with white (artwork) or crop (photos)")
+    add("--fit", choices=["pad", "crop"], default=FIT, help="pad (artwork) or crop (photos)")
     add("--batch-size", type=positive_int, help=by_gpu("images a step", BATCH_SIZE, CPU_BATCH_SIZE))
     add("--lr", type=positive_float, default=LEARNING_RATE, help="peak learning rate")
     add("--warmup", type=fraction, default=WARMUP, help="share of the steps spent warming up")
     add("--kl-weight", type=zero_or_positive, default=KL_WEIGHT, help="weight of the KL term")
     add("--latent-channels", type=positive_int, default=LATENT_CHANNELS, help="at H/8 x W/8")
-    add("--channels", type=channel_list, default=CHANNELS,
-        help="widths at 1/2, 1/4, 1/8 of the image")
+    add("--channels", type=channel_list, default=CHANNELS, help="widths at 1/2, 1/4, 1/8 size")
     add("--val-fraction", type=fraction, default=VAL_FRACTION, help="share held out to validate")
-    add("--rotation", type=angle, default=ROTATION,
-        help="degrees, largest random rotation of a training image")
+    add("--rotation", type=angle, default=ROTATION, help="degrees, largest random rotation")
     add("--save-every", type=positive_int, default=SAVE_EVERY, help="epochs between picture grids")
-    add("--amp", choices=["auto", "on", "off"], default=AMP, help="bfloat16 autocast")
-    add("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
-        help="torch.compile the model")
+    add("--amp", choices=["auto", "on", "off"], default=AMP, help="bfloat16 (float16) autocast")
+    add("--compile", action=argparse.BooleanOptionalAction, default=COMPILE, help="torch.compile")
     add("--prior-steps", type=steps_or_0, default=PRIOR_STEPS,
         help="optimizer steps of the learned prior; 0 skips stage two")
     add("--prior-batch-size", type=positive_int, default=PRIOR_BATCH_SIZE, help="latents a step")
@@ -525,15 +494,13 @@ def parse_args(argv=None):
     add("--prior-width", type=unet_width, default=PRIOR_WIDTH, help="channels of the prior's U-Net")
     add("--prior-guide-steps", type=steps_or_0, default=PRIOR_GUIDE_STEPS,
         help="optimizer steps of the prior's guide; 0 trains none")
-    add("--prior-guide-width", type=unet_width, default=PRIOR_GUIDE_WIDTH,
-        help="channels of the guide's U-Net")
+    add("--prior-guide-width", type=unet_width, default=PRIOR_GUIDE_WIDTH, help="the guide's")
     add("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     add("--seed", type=int, default=SEED, help="seeds the split, shuffling, augmentation, weights")
     add("--out", default=MODEL_PATH, help="where to save the final model")
     add("--results-dir", default=RESULTS_DIR, help="grids, metrics, loss curve, checkpoint.pth")
     add("--cache-dir", default=CACHE_DIR, help="where the decoded images are kept between runs")
-    add("--resume", action="store_true",
-        help="continue the run whose checkpoint is in --results-dir")
+    add("--resume", action="store_true", help="continue the run saved in --results-dir")
     return p.parse_args(argv)
 
 

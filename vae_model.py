@@ -3,8 +3,7 @@ A convolutional Variational Autoencoder, written out in plain PyTorch.
 
 Read top to bottom: the building block, the Encoder (image -> mu, log_var), the
 reparameterization trick, the Decoder (z -> image), the VAE, its loss, and the checkpoint
-helpers. Torch only: data, the training loop and plotting live in the two scripts; the learned
-prior that draws new images lives in latent_prior.py.
+helpers. Torch only; the learned prior that draws new images lives in latent_prior.py.
 """
 import math
 import os
@@ -43,9 +42,8 @@ class Encoder(nn.Module):
         super().__init__()
         c2, c4, c8 = channels  # the widths at H/2, H/4 and H/8
         self.body = nn.Sequential(
-            # H/2. PixelUnshuffle folds every 2x2 patch of pixels into 12 channels, so no
-            # conv runs at full resolution, where a conv with few channels on a large map is
-            # the slowest work per FLOP of the network; the time goes to the deeper layers.
+            # H/2. PixelUnshuffle folds every 2x2 patch into 12 channels: no conv runs at full
+            # resolution, where few channels on a large map are the slowest work per FLOP.
             nn.PixelUnshuffle(2), nn.Conv2d(12, c2, 3, padding=1),
             # H/4 and H/8: a stride-2 conv halves the size, a residual block refines.
             nn.Conv2d(c2, c4, 3, stride=2, padding=1), ResBlock(c4),
@@ -133,8 +131,8 @@ def vae_loss(recon, x, mu, log_var, kl_weight=1.0):
     lower bound, where each pixel and each latent element counts once, so their balance does
     not change with the image size or the number of latent channels; averaging over the
     batch keeps the learning rate independent of the batch size. (A per-pixel mean for the
-    MSE, as in many tutorials, shrinks the reconstruction term ~50,000-fold at 128 px and
-    lets the KL term wipe out the latent.)
+    MSE, as in many tutorials, shrinks the reconstruction term ~50,000-fold at 128 px and lets
+    the KL term wipe out the latent.)
 
     KL term: for q = N(mu, sigma^2) and p = N(0, I) it has a closed form,
     Kingma and Welling (2014), "Auto-Encoding Variational Bayes", Appendix B:
@@ -170,9 +168,8 @@ def vae_checkpoint(model, prior=None, guide=None):
 
 
 def atomic_write(path, write):
-    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`. A rename
-    within one folder is atomic, so a crash or Ctrl-C mid-write leaves the previous file whole;
-    a failed write leaves no temporary file behind."""
+    """write(tmp) to a temporary file beside `path`, renamed over it: a rename is atomic, so a
+    crash or Ctrl-C mid-write leaves the previous file whole, and a failure no temporary file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
