@@ -68,40 +68,35 @@ channel_list = checked(lambda text: [int(w) for w in text.split(",")],
 def pick_device(name):
     """The torch.device for --device: "auto" takes a CUDA GPU, then an Apple GPU, then the CPU."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else
+                            "mps" if torch.backends.mps.is_available() else "cpu")
     if name.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise UserError(f"the device {name!r} is not one these scripts run on; use --device auto, "
                         "cpu, cuda (cuda:1 for the second GPU) or mps")
     try:
         torch.empty(1, device=name)  # the one sure test that the device exists here
     except (RuntimeError, AssertionError) as error:  # a bad name, or no such device or driver
-        first_line = str(error).splitlines()[0]
-        raise UserError(f"the device {name!r} is not available here ({first_line}); "
-                        "use --device auto to pick the best one") from error
+        raise UserError(f"the device {name!r} is not available here ({str(error).splitlines()[0]}"
+                        "); use --device auto to pick the best one") from error
     return torch.device(name)
 
 
 def bf16_is_fast(device):
-    """bfloat16 pays off where native: a GPU of compute capability 8.0 or more (a T4, 7.5,
-    emulates it), a CPU with AMX or AVX-512 BF16 (torch.cpu's private helpers: looked up)."""
+    """Whether bfloat16 is native: a GPU of compute capability 8.0+, a CPU with AMX or AVX-512."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8
-    names = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    checks = [getattr(torch.cpu, name, None) for name in names]
-    return device.type == "cpu" and any(check is not None and check() for check in checks)
+    names = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's, looked up
+    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in names)
 
 
 def check_writable(path, flag):
-    """Say now, not after an hour of training, that `path` cannot be written: an unnamed
-    temporary file in the nearest existing folder on its way proves it, and leaves nothing."""
+    """Say now, not after an hour of training, that `path` cannot be written."""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder; pass {flag} with the path of a file")
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
-    try:
+    try:  # an unnamed temporary file in the nearest existing folder proves it, leaving nothing
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
         raise UserError(f"cannot write to the folder {folder} ({error.strerror}); pass {flag} "
@@ -109,18 +104,15 @@ def check_writable(path, flag):
 
 
 def stop_on_signals():
-    """The flag `stop`, a list empty until Ctrl-C or SIGTERM (Slurm, Kubernetes, kill; torchrun
-    passes either on to every process): the work under way ends, is saved, and the run stops
-    cleanly. A second one stops at once; every save is atomic."""
+    """The flag `stop`, empty until Ctrl-C or SIGTERM (Slurm, Kubernetes, kill, torchrun): the
+    work under way ends, is saved, and the run stops. A second one stops at once."""
     stop = []
-
     def on_stop(signum, frame):
         stop.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        print(f"\n{name}: saving the work under way, then stopping (again: stop at once)",
-              file=sys.stderr)
+        print(f"\n{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: saving the work under "
+              "way, then stopping (again: stop at once)", file=sys.stderr)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_stop)
     return stop

@@ -27,9 +27,8 @@ WHITE = (255, 255, 255)
 def image_files(source, flag="--data"):
     """Every file under a local folder (whatever the names), or a Hub data set's images."""
     if os.path.isdir(source):
-        files = []
-        for root, _, names in os.walk(source):
-            files += [os.path.join(root, name) for name in names if not name.startswith(".")]
+        files = [os.path.join(root, name) for root, _, names in os.walk(source) for name in names
+                 if not name.startswith(".")]
         if not files:
             raise UserError(f"the folder {source} holds no image files; put .png or .jpg images "
                             f"in it or pass another {flag}")
@@ -45,9 +44,17 @@ def image_files(source, flag="--data"):
 def hub_images(name):
     """The Hub data set's images, undecoded: a corrupt one is skipped by the cache, not fatal."""
     import datasets  # here only: loading it takes seconds, and a folder needs none of it
-    if not hub_reachable(datasets.config):
-        raise UserError(f"cannot reach the Hugging Face Hub to download {name}; "
-                        "connect to the internet or train offline with --data path/to/images")
+    # One quick connect first: offline, huggingface_hub retries for half a minute, and no setting
+    # stops it. Behind a proxy a direct connect proves nothing; offline mode reads the local cache.
+    config, url = datasets.config, urllib.parse.urlparse(datasets.config.HF_ENDPOINT)
+    proxied = any(os.environ.get(proxy) for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
+    try:
+        if not (config.HF_HUB_OFFLINE or proxied):
+            port = url.port or (443 if url.scheme == "https" else 80)
+            socket.create_connection((url.hostname, port), 5).close()
+    except OSError:
+        raise UserError(f"cannot reach the Hugging Face Hub to download {name}; connect to the "
+                        "internet or train offline with --data path/to/images") from None
     try:
         table = datasets.load_dataset(name, split="train")
     except Exception as error:  # datasets raises many types for a wrong name or a failed download
@@ -55,25 +62,9 @@ def hub_images(name):
                         "check the name or train offline with --data path/to/images") from error
     columns = [key for key, kind in table.features.items() if isinstance(kind, datasets.Image)]
     if not columns:
-        raise UserError(f"the data set {name} has no image column; pass --data with a folder "
-                        "of images")
+        raise UserError(f"the data set {name} has no image column; pass --data with a folder")
     items = table.cast_column(columns[0], datasets.Image(decode=False))[columns[0]]
     return [item["bytes"] or item["path"] for item in items]
-
-
-def hub_reachable(config):
-    # One quick connect: offline, huggingface_hub retries for half a minute, and no setting stops
-    # it. Behind a proxy a direct connect proves nothing; offline mode asks for the local cache.
-    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")
-    if config.HF_HUB_OFFLINE or any(os.environ.get(name) for name in proxies):
-        return True
-    url = urllib.parse.urlparse(config.HF_ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), 5).close()
-    except OSError:
-        return False
-    return True
 
 
 # --- Opening one image and making it square ---------------------------------------------------
@@ -93,8 +84,7 @@ def open_rgb(file):
 
 
 def to_square(image, size, fit="pad"):
-    """Resize to size x size without distorting the shape: fit, then pad with white (artwork on
-    white), or fill the square and cut off what sticks out of its centre (photos)."""
+    """size x size, undistorted: padded with white (artwork), or cropped to the centre (photos)."""
     if fit == "crop":
         return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
     return ImageOps.pad(image, (size, size), method=Image.Resampling.BICUBIC, color=WHITE)
@@ -112,14 +102,12 @@ def to_model_range(batch_uint8):
 
 # --- The cache: every image decoded once into a file on disk ----------------------------------
 def cached_images(files, size, fit, source, cache_dir, path=None):
-    """All images as one uint8 tensor (N, 3, size, size), decoded once into a file on disk (`path`,
-    if the caller has it already) and memory-mapped: the page cache holds them, not this process."""
+    """All images as uint8 (N, 3, size, size), decoded once into `path`, and memory-mapped."""
     path = path or cache_path(files, size, fit, source, cache_dir)
     try:  # copy-on-write: writable as torch wants, never written
         images = np.load(path, mmap_mode="c")
     except (OSError, ValueError, EOFError):  # none yet, or cut short (numpy checks the size)
-        print(f"decoding {counted(len(files), 'file')} once, at {size} px ({fit}), into the cache "
-              f"{path}")
+        print(f"decoding {counted(len(files), 'file')} once, at {size} px ({fit}), into {path}")
         images = build_cache(files, size, fit, path)
     skipped = len(files) - len(images)
     print(f"{counted(len(images), 'image')} at {size} px ({fit}) cached in {path}"
@@ -132,8 +120,7 @@ def cached_images(files, size, fit, source, cache_dir, path=None):
 
 
 def cache_path(files, size, fit, source, cache_dir):
-    """Named by the source, size and fit, and keyed by every file's path, size and modification
-    time (a Hub image's bytes): a changed folder gets a new file beside its stale one."""
+    """Named by source, size and fit, keyed by each file's path, size and time (or bytes)."""
     key = hashlib.sha256()
     for file in files:
         if isinstance(file, bytes):
@@ -148,10 +135,8 @@ def cache_path(files, size, fit, source, cache_dir):
 
 
 def build_cache(files, size, fit, path):
-    """Decode every image (skipping unreadable files) into a temporary file renamed to `path`
-    once whole: Ctrl-C, a kill or a full disk leaves no cache that could be read half-written."""
+    """Decode every readable image into `path`, written whole or not at all (atomic_write)."""
     folder, shape = os.path.dirname(path), (3, size, size)
-
     def write(tmp):
         out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(files),) + shape)
         count = 0
@@ -181,9 +166,8 @@ def build_cache(files, size, fit, path):
     except OSError as error:
         raise UserError(f"cannot write the image cache in {folder} ({error.strerror or error}); "
                         "pass --cache-dir with a folder you can write to") from error
-    stale = set(glob.glob(glob.escape(path.rsplit("-", 1)[0]) + "-*")) - {path}
-    for old in stale:  # the same folder's cache from before it changed
-        os.remove(old)
+    for old in set(glob.glob(glob.escape(path.rsplit("-", 1)[0]) + "-*")) - {path}:
+        os.remove(old)  # the same folder's cache from before it changed
     return np.load(path, mmap_mode="c")
 
 
@@ -196,8 +180,7 @@ def split(count, fraction, seed):
 
 # --- Batches on the training device -----------------------------------------------------------
 def place_images(images, index, device):
-    """Where images[index] live for training, and their indices there: on a GPU where they take
-    at most GPU_DATA_SHARE of its free memory (no copy per step), else in the cache."""
+    """(images, index) for training: on a GPU if they fit in GPU_DATA_SHARE of it, else as is."""
     if device.type != "cuda":
         return images, index
     megabytes = len(index) * images[0].numel() / 1e6
@@ -211,8 +194,7 @@ def place_images(images, index, device):
 
 
 def fetch(images, pick, device):
-    """One batch of uint8 images on the device. For a GPU it is gathered straight into pinned
-    memory (PyTorch caches those buffers): its copy runs while the GPU works on the last step."""
+    """A batch on the device; for a GPU via pinned memory: the copy overlaps the last step."""
     if images.device.type == "cpu" and device.type == "cuda":
         pinned = torch.empty((len(pick),) + images.shape[1:], dtype=images.dtype, pin_memory=True)
         return torch.index_select(images, 0, pick, out=pinned).to(device, non_blocking=True)
@@ -238,8 +220,5 @@ def make_augment(rotation, fit="pad", size=None):
 def save_png(images, path, nrow=8):
     """A grid of images in [-1, 1] as a PNG, written whole or not at all."""
     from torchvision.utils import save_image
-
-    def write(tmp):
-        save_image(images.float(), tmp, format="png", nrow=nrow, normalize=True,
-                   value_range=(-1, 1), padding=2, pad_value=1)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: save_image(images.float(), tmp, "png", nrow=nrow, padding=2,
+                                              normalize=True, value_range=(-1, 1), pad_value=1))

@@ -49,8 +49,7 @@ class Attention(nn.Module):
 
 
 def levels_for(side):
-    """The U-Net's resolutions over a latent `side` positions a side: one more per doubling, so
-    that attention, at the lowest, sees 8 to 15 a side (128 px: 2 levels; 512 px: 4)."""
+    """The U-Net's resolutions: one per doubling of `side`, so that attention sees 8-15 a side."""
     levels = 2
     while side / 2 ** levels >= 8:
         levels += 1
@@ -58,8 +57,7 @@ def levels_for(side):
 
 
 class Level(nn.Module):
-    """One resolution of the U-Net: two blocks, then down to the level below (`below` channels);
-    on the way back up, the skip of this level's features joins the two blocks going up."""
+    """One resolution of the U-Net: two blocks down, and two up, joined by a skip connection."""
 
     def __init__(self, channels, below, time_dim):
         super().__init__()
@@ -84,16 +82,13 @@ class Level(nn.Module):
 
 
 class LatentPrior(Level):
-    """A U-Net that predicts v = alpha * noise - sigma * z0 from a noised latent z_t = alpha * z0
-    + sigma * noise: well-posed at both ends of the schedule (Salimans and Ho 2022). The prior is
-    its top Level (width channels); below, the inner levels, then at 2 * width channels and the
-    lowest resolution the middle blocks and self-attention."""
+    """A U-Net predicting v = alpha * noise - sigma * z0 from z_t = alpha * z0 + sigma * noise,
+    well-posed at both ends of the schedule (Salimans and Ho 2022). It is its own top Level; below
+    it the inner levels, then the middle blocks and self-attention at the lowest resolution."""
 
     def __init__(self, latent_channels=6, width=64, latent_mean=None, latent_std=None, levels=2):
         # Not Level's init: the top level's parts come below in their old order (old seeds hold).
         nn.Module.__init__(self)
-        if levels < 2:
-            raise ValueError(f"levels must be at least 2, got {levels}")
         self.config = dict(latent_channels=latent_channels, width=width, levels=levels)
         # The codes are standardised per channel, so that noise of std 1 drowns them fully.
         shape = (1, latent_channels, 1, 1)
@@ -137,15 +132,14 @@ class LatentPrior(Level):
 
 # --- Noise schedule and loss ------------------------------------------------------------------
 def noise_schedule(t):
-    """Cosine schedule (Nichol and Dhariwal 2021): at time t in [0, 1] a latent is
-    alpha * z0 + sigma * noise with alpha^2 + sigma^2 = 1; t = 0 is clean, t = 1 pure noise."""
+    """Cosine schedule (Nichol and Dhariwal 2021): z_t = alpha * z0 + sigma * noise, where
+    alpha^2 + sigma^2 = 1; t = 0 is clean, t = 1 pure noise."""
     angle = t * math.pi / 2
     return torch.cos(angle).view(-1, 1, 1, 1), torch.sin(angle).view(-1, 1, 1, 1)
 
 
 def prior_loss(prior, z0):
-    """Mean squared error of the predicted v at a random noise level per latent. A mean, not
-    a sum: this is a regression loss, with no likelihood to balance it against."""
+    """MSE of the predicted v at a random noise level per latent (a mean: no ELBO to match)."""
     z0 = (z0 - prior.latent_mean) / prior.latent_std
     t = torch.rand(len(z0), device=z0.device)
     alpha, sigma = noise_schedule(t)
@@ -157,9 +151,8 @@ def prior_loss(prior, z0):
 # --- Training ---------------------------------------------------------------------------------
 def fit_prior(codes, width, steps, batch_size, lr, generator, use_amp=False, stop=(),
               desc="learned prior"):
-    """Train one LatentPrior on the codes (N, latent, h, w); returns a moving average of its
-    weights, which samples more cleanly than the last step's (Ho et al. 2020), None once `stop`
-    is non-empty (Ctrl-C); raises FloatingPointError when the loss is no longer finite."""
+    """A LatentPrior trained on the codes (N, latent, h, w): the moving average of its weights,
+    which samples more cleanly (Ho et al. 2020); None on a stop; FloatingPointError on a nan."""
     device = codes.device
     prior = LatentPrior(codes.shape[1], width, codes.mean((0, 2, 3)), codes.std((0, 2, 3)),
                         levels_for(min(codes.shape[-2:]))).to(device)
@@ -212,12 +205,9 @@ def sample_prior(prior, noise, steps=200, guide=None, guidance=1.5, interval=(0.
 
 
 def load_prior(path, map_location="cpu"):
-    """(prior, guide): the learned prior and its guide stored next to the VAE in `path`, each
-    None where the checkpoint holds none (trained with --prior-steps 0, or by an older version)."""
+    """(prior, guide) stored next to the VAE in `path`, each None where there is none."""
     checkpoint = load_checkpoint(path, map_location)
-    parts = []
-    for name in ("prior", "guide"):
-        entry = checkpoint.get(name)
-        mismatch = f"{path} holds a {name} that does not fit its own config"
-        parts.append(None if entry is None else rebuild(LatentPrior, entry, mismatch, map_location))
-    return tuple(parts)
+    mismatch = f"{path} holds a {{}} that does not fit its own config".format
+    return tuple(None if checkpoint.get(name) is None else
+                 rebuild(LatentPrior, checkpoint[name], mismatch(name), map_location)
+                 for name in ("prior", "guide"))

@@ -3,7 +3,6 @@ Use a trained VAE: reconstruct an image, generate new ones, walk and map the lat
 
     python sample_vae.py                                  # reconstruct pokemon_sample_test.png
     python sample_vae.py --generate 16                    # 16 new images from the learned prior
-    python sample_vae.py --generate 16 --prior normal     # ... from z ~ N(0, I), for comparison
     python sample_vae.py --interpolate a.png b.png        # a walk from a to b (PNG strip + GIF)
     python sample_vae.py --latent-map path/to/images      # every image placed by its latent (PCA)
 
@@ -47,8 +46,7 @@ def load_model(path, device, loader=load_vae):
         raise UserError(f"there is no trained model at {path}; run `python train_vae.py` first "
                         "or pass --model with the path of one") from None
     except CheckpointError as error:
-        message = f"{error}; pass --model with a checkpoint written by train_vae.py"
-        raise UserError(message) from error
+        raise UserError(f"{error}; pass --model with a checkpoint of train_vae.py") from error
 
 
 def load_image(path, model, flag="--image"):
@@ -118,9 +116,8 @@ def reconstruct(model, args, device, show):
     grid = fig.add_gridspec(rows, 2 * rows + cols)
     panels = [(grid[:, :rows], to_picture(x[0]), "original", None),
               (grid[:, rows:2 * rows], to_picture(recon[0]), "reconstruction", None)]
-    for c in range(channels):
-        cell = grid[c // cols, 2 * rows + c % cols]
-        panels.append((cell, mu[0, c].cpu().numpy(), f"latent {c}", "viridis"))
+    panels += [(grid[c // cols, 2 * rows + c % cols], mu[0, c].cpu().numpy(), f"latent {c}",
+                "viridis") for c in range(channels)]
     for cell, picture, title, cmap in panels:
         axis = fig.add_subplot(cell)
         axis.imshow(picture, cmap=cmap)
@@ -138,21 +135,16 @@ def fit_data_prior(model, images):
 
 
 def draw_latents(n, mean, std, seed):
-    generator = torch.Generator().manual_seed(seed)
-    eps = torch.randn((n,) + tuple(mean.shape), generator=generator).to(mean.device)
-    return mean + std * eps
+    eps = torch.randn((n,) + tuple(mean.shape), generator=torch.Generator().manual_seed(seed))
+    return mean + std * eps.to(mean.device)
 
 
 def pick_prior(args, device):
-    """(name, learned prior, its guide): the prior stored with the model, else None (another was
-    asked for, or it falls back to N(0, I) with a note); the guide None, with a note, if none."""
+    """(name, learned prior, its guide); a note where the model has no learned prior."""
     if args.prior not in (None, "learned"):
         return args.prior, None, None
     prior, guide = load_model(args.model, device, loader=load_prior)
-    if prior is not None:
-        if guide is None and args.guidance != 1:
-            print(f"note: {args.model} holds no guide for its prior (trained with "
-                  "--prior-guide-steps 0 or by an older version); sampling without autoguidance")
+    if prior is not None:  # without a guide (--prior-guide-steps 0): no autoguidance, as it says
         return "learned", prior, guide
     if args.prior == "learned":
         raise UserError(f"{args.model} holds no learned prior; train one with `python "
@@ -164,8 +156,7 @@ def pick_prior(args, device):
 
 @torch.no_grad()
 def generate(model, args, device, show):
-    side = model.image_size // 8
-    shape = (model.config["latent_channels"], side, side)
+    shape = (model.config["latent_channels"], model.image_size // 8, model.image_size // 8)
     name, prior, guide = pick_prior(args, device)
     if name == "data":
         mean, std = fit_data_prior(model, load_folder(args.data, model, "--data").to(device))
@@ -177,11 +168,8 @@ def generate(model, args, device, show):
     if prior is not None:  # the learned prior turns that noise into a latent, step by step
         z = sample_prior(prior, z, args.sample_steps, guide, args.guidance, args.guidance_interval)
     line = f"{args.generate} samples from the {name} prior"
-    if guide is not None and args.guidance != 1:
-        line += f", autoguidance {args.guidance:g}"
-    if args.temperature != 1:
-        line += f", temperature {args.temperature:g}"
-    print(line)
+    line += f", autoguidance {args.guidance:g}" if guide is not None and args.guidance != 1 else ""
+    print(line + (f", temperature {args.temperature:g}" if args.temperature != 1 else ""))
     save_grid(model.decode(z), args.out, min(8, args.generate), show)
 
 
@@ -199,11 +187,8 @@ def interpolate(model, args, device, show):
     pictures = [Image.fromarray((to_picture(f) * 255).round().astype("uint8")) for f in frames]
     pictures += pictures[-2:0:-1]  # there and back, so that the GIF loops without a jump
     gif = os.path.splitext(args.out)[0] + ".gif"
-
-    def write(tmp):
-        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:],
-                         duration=120, loop=0)
-    atomic_write(gif, write)
+    atomic_write(gif, lambda tmp: pictures[0].save(tmp, format="GIF", save_all=True, loop=0,
+                                                   append_images=pictures[1:], duration=120))
     print(f"saved {gif}")
     save_grid(frames, args.out, args.steps, show)
 
@@ -251,18 +236,15 @@ def parse_args(argv=None):
     add_mode("--interpolate", nargs=2, metavar=("A", "B"), help="walk from image A to image B")
     add_mode("--latent-map", metavar="FOLDER", help="map a folder's images in latent space")
     add("--prior", choices=["learned", "normal", "data"],
-        help="--generate from the learned prior stored with the model (the default), from "
-             "N(0, I), or from a Gaussian fitted to --data")
-    add("--sample-steps", type=positive_int, default=SAMPLE_STEPS,
-        help="denoising steps of the learned prior")
+        help="--generate from the model's learned prior (default), N(0, I), or fitted to --data")
+    add("--sample-steps", type=positive_int, default=SAMPLE_STEPS, help="the learned prior's")
     add("--guidance", default=GUIDANCE,
         type=checked(float, lambda v: v >= 1, "a number of at least 1 (1 turns it off)"),
         help="autoguidance of the learned prior by its smaller guide")
     add("--guidance-interval", nargs=2, metavar=("LO", "HI"), default=GUIDANCE_INTERVAL,
         type=checked(float, lambda v: 0 <= v <= 1, "a noise level from 0 to 1"),
         help="noise levels (1: pure noise) between which autoguidance acts")
-    add("--temperature", type=positive_float, default=TEMPERATURE,
-        help="spread of the prior's noise; below 1: flatter, paler samples")
+    add("--temperature", type=positive_float, default=TEMPERATURE, help="below 1: paler samples")
     add("--data", metavar="FOLDER", help="images to fit --prior data to")
     add("--steps", type=checked(int, lambda v: v >= 2, "at least 2 (the two ends)"), default=STEPS,
         help="points on the --interpolate line")
@@ -274,8 +256,7 @@ def parse_args(argv=None):
 
 
 def check_mode_flags(p, args):
-    """p.error (exit status 2) for a value out of range, or a flag the chosen mode would ignore:
-    the user expects it to act. The learned prior's own flags are errors with another prior."""
+    """p.error (exit status 2) for a flag the chosen mode or prior would ignore, or bad values."""
     learned_only = ("sample_steps", "guidance", "guidance_interval")
     if args.guidance_interval[0] > args.guidance_interval[1]:
         p.error(f"argument --guidance-interval: LO must not exceed HI, got "
@@ -293,8 +274,7 @@ def check_mode_flags(p, args):
     if args.prior == "data" and not args.data:
         p.error("argument --prior: data needs --data FOLDER, the images to fit it to")
     if args.data and args.prior != "data":
-        p.error("argument --data: only --prior data uses it (the images it is fitted to); "
-                "add --prior data or drop --data")
+        p.error("argument --data: only --prior data uses it; add --prior data or drop --data")
 
 
 def main():

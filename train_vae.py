@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from cli import (HelpWithDefaults, UserError, angle, bf16_is_fast, channel_list, check_writable,
@@ -70,16 +71,16 @@ WORLD_SIZE, MASTER = int(os.environ.get("WORLD_SIZE", 1)), os.environ.get("RANK"
 
 
 def settings(args, device):
-    """The settings this run uses, said in its first line: the flags, else the defaults above for
-    this device (without a CUDA GPU the CPU's: 512 px costs 16x the work per image of 128 px)."""
+    """The settings this run uses, said in its first line: the flags, else this device's defaults
+    (without a CUDA GPU the CPU's: 512 px costs 16x the work per image of 128 px)."""
     cpu = device.type != "cuda"
     unset = [f"--{key.replace('_', '-')}" for key in ("image_size", "epochs", "batch_size")
              if not getattr(args, key)]
     args.image_size = args.image_size or (CPU_IMAGE_SIZE if cpu else IMAGE_SIZE)
     args.epochs = args.epochs or (CPU_EPOCHS if cpu else EPOCHS)
     args.batch_size = args.batch_size or (CPU_BATCH_SIZE if cpu else BATCH_SIZE)
-    # A CUDA GPU before compute capability 8.0 (T4, V100) has float16 tensor cores, no bfloat16
-    # (float16 is 8x float32's speed on a T4); float16's small range needs a GradScaler.
+    # A GPU before compute capability 8.0 (T4, V100) has float16 tensor cores, no bfloat16 (8x
+    # float32's speed on a T4): the VAE autocasts to float16 with a GradScaler, the prior not.
     old_gpu = device.type == "cuda" and not bf16_is_fast(device)
     args.use_amp = args.amp == "on" or (args.amp == "auto" and (old_gpu or bf16_is_fast(device)))
     args.amp_dtype = "float16" if old_gpu else "bfloat16"
@@ -99,8 +100,7 @@ def settings(args, device):
 
 # --- Several processes: one model trained by all, under torchrun (as in nanoGPT) -------------
 def start_processes(name):
-    """This process's device. Under torchrun it joins the others: NCCL between CUDA GPUs, one
-    per process by LOCAL_RANK, gloo between CPU processes; only rank 0 speaks."""
+    """This process's device; under torchrun, joined to the others: NCCL for GPUs, else gloo."""
     if WORLD_SIZE == 1:
         return pick_device(name)
     if name not in ("auto", "cuda", "cpu"):
@@ -110,7 +110,7 @@ def start_processes(name):
     if cuda and LOCAL_RANK >= torch.cuda.device_count():
         raise UserError(f"torchrun started more processes on this machine than it has GPUs "
                         f"({torch.cuda.device_count()}); pass --nproc_per_node with at most that")
-    device = torch.device("cuda", LOCAL_RANK) if cuda else torch.device("cpu")
+    device = torch.device(f"cuda:{LOCAL_RANK}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -119,37 +119,12 @@ def start_processes(name):
     return device
 
 
-def from_rank_0(value):
-    """Rank 0's `value`, on every process: the run's files are on rank 0's machine only."""
-    box = [value]
+def gathered(value):
+    """Every process's `value`, in rank order (rank 0's machine alone has the run's files)."""
+    values = [value] * WORLD_SIZE
     if WORLD_SIZE > 1:
-        dist.broadcast_object_list(box)
-    return box[0]
-
-
-def share(order):
-    """This process's share of an epoch: every WORLD_SIZE-th image from its RANK on, the order
-    first filled up from its start to a multiple of WORLD_SIZE (as DistributedSampler does), so
-    that each process takes the same number of steps and none waits at the last one."""
-    length = math.ceil(len(order) / WORLD_SIZE) * WORLD_SIZE
-    return torch.cat([order] * WORLD_SIZE)[:length][RANK::WORLD_SIZE]
-
-
-def agreed(stop, device):
-    """Whether any process was told to stop: under torchrun, all leave at the same step."""
-    if WORLD_SIZE == 1:
-        return bool(stop)
-    flag = torch.tensor([float(bool(stop))], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
-
-
-def rng_states():
-    """Every process's random state (its augmentation and noise), for an exact resume."""
-    states = [torch.get_rng_state()] * WORLD_SIZE
-    if WORLD_SIZE > 1:
-        dist.all_gather_object(states, torch.get_rng_state())
-    return states
+        dist.all_gather_object(values, value)
+    return values
 
 
 # --- The data: decoded once into the cache, split, placed ---------------------------------
@@ -184,15 +159,17 @@ def load_data(args, device):
 # --- One epoch of training --------------------------------------------------------------------
 def train_one_epoch(model, images, index, augment, optimizer, scheduler, scaler, shuffle, args,
                     device, epoch, stop=()):
-    """One pass over this process's share of images[index], shuffled; the mean MSE and KL per
-    image, summed on the device and read once, so that the loop never waits for the GPU (no
-    .item() per step). None if, under torchrun, a process was told to stop during the epoch."""
-    order = torch.randperm(len(index), generator=shuffle).to(index.device)  # the same on all
-    batches = share(index[order]).split(args.batch_size)
+    """One shuffled pass over this process's share of images[index]; the mean MSE and KL per
+    image, read once at the end (an .item() per step waits for the GPU). None: stopped."""
+    order = torch.randperm(len(index), generator=shuffle)  # the same in every process
+    # This process's share: every WORLD_SIZE-th from its RANK on, filled up from the start so
+    # that all take as many steps (DistributedSampler's rule, applied to the shuffled order).
+    mine = order[list(DistributedSampler(order, WORLD_SIZE, RANK, shuffle=False))]
+    batches = index[mine.to(index.device)].split(args.batch_size)
     sums = torch.zeros(2, device=device)
     for step, pick in enumerate(tqdm(batches, f"epoch {epoch}/{args.epochs}", leave=False,
                                      disable=not MASTER)):
-        if WORLD_SIZE > 1 and step % STOP_CHECK == 0 and agreed(stop, device):
+        if WORLD_SIZE > 1 and step % STOP_CHECK == 0 and any(gathered(bool(stop))):
             return None  # torchrun kills its workers 30 s after Ctrl-C: no time to end the epoch
         x = to_model_range(augment(fetch(images, pick, device)))
         x = x.contiguous(memory_format=torch.channels_last)
@@ -206,9 +183,8 @@ def train_one_epoch(model, images, index, augment, optimizer, scheduler, scaler,
         scaler.update()
         scheduler.step()
         sums += torch.stack([mse.detach(), kl.detach()])
-    if WORLD_SIZE > 1:
-        dist.all_reduce(sums)
-    return (sums / len(batches) / WORLD_SIZE).tolist()
+    per_process = torch.stack(gathered(sums.cpu()))  # under torchrun: the mean of the processes'
+    return (per_process.mean(0) / len(batches)).tolist()
 
 
 # --- Evaluation and pictures ------------------------------------------------------------------
@@ -242,8 +218,7 @@ def save_pictures(model, grid_images, noise, epoch, results_dir):
 
 def write_metrics(metrics, results_dir):
     lines = "".join(json.dumps(row) + "\n" for row in metrics)
-    path = os.path.join(results_dir, "metrics.jsonl")
-    atomic_write(path, lambda tmp: Path(tmp).write_text(lines))
+    atomic_write(f"{results_dir}/metrics.jsonl", lambda tmp: Path(tmp).write_text(lines))
 
 
 def plot_loss_curve(metrics, results_dir):
@@ -266,8 +241,7 @@ def plot_loss_curve(metrics, results_dir):
 # --- Stage two: a learned prior over the trained VAE's latent space ---------------------------
 def stage_two(model, images, index, args, device, stop, noise):
     """Fit the prior, then its smaller guide, to the latent means of the training images and
-    their mirrors (not the augmentation: the prior would draw its tilted frames and grey
-    backgrounds); means, as the decoder ignores the posterior's noise. False on Ctrl-C."""
+    their mirrors (not augmented: the prior would draw tilted frames). False on Ctrl-C."""
     tick = time.perf_counter()
     model.eval()
     mus = []
@@ -283,12 +257,13 @@ def stage_two(model, images, index, args, device, stop, noise):
                                (args.prior_guide_width, args.prior_guide_steps, "its guide")):
         try:
             fit = fit_prior(mus, width, steps, args.prior_batch_size, args.prior_lr, generator,
-                            args.use_amp, stop, f"stage two: {what}") if steps else None
+                            args.use_amp and args.amp_dtype == "bfloat16", stop,
+                            f"stage two: {what}") if steps else None
         except FloatingPointError as error:
             raise UserError(f"{error}; lower --prior-lr (now {args.prior_lr})") from None
         if stop:
-            print(f"interrupted in stage two; the trained VAE is saved in {args.out} and "
-                  f"usable; to train its prior, run `{resume_command(args)}`", file=sys.stderr)
+            print(f"interrupted in stage two; the VAE is saved in {args.out}; to train its prior, "
+                  f"run `{resume_command(args)}`", file=sys.stderr)
             return False
         fits.append(fit)
     checkpoint = vae_checkpoint(model, *fits)
@@ -309,23 +284,22 @@ def train(args):
     checkpoint_path = os.path.join(args.results_dir, "checkpoint.pth")
     # Restarted by torchrun (--max-restarts) after a lost worker: on from the last checkpoint.
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
-        args.resume = args.resume or from_rank_0(MASTER and os.path.isfile(checkpoint_path))
+        args.resume = args.resume or gathered(os.path.isfile(checkpoint_path))[0]
     args, resumed = resume_settings(args, checkpoint_path) if args.resume else (args, None)
     args = settings(args, device)
-    if resumed and from_rank_0(MASTER and finished(args, resumed)):
+    if resumed and gathered(MASTER and finished(args, resumed))[0]:
         print(f"the run in {args.results_dir} is finished, its model in {args.out}: nothing left "
               "to do (new prior flags would train its prior again)")
         return 0
     check_writable(args.out, "--out")
     check_writable(checkpoint_path, "--results-dir")
     images, train_rows, val_images = load_data(args, device)
-    # The model; channels_last (NHWC) is the layout oneDNN's and cuDNN's convolutions prefer.
     model = VAE(args.image_size, args.latent_channels, args.channels, args.fit)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)  # NHWC: cuDNN's, oneDNN's choice
     if RANK:  # the same weights in every process, but each its own augmentation and noise
         torch.manual_seed(args.seed + RANK)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps = args.epochs * math.ceil(len(share(train_rows)) / args.batch_size)
+    steps = args.epochs * math.ceil(math.ceil(len(train_rows) / WORLD_SIZE) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, steps,
                                                     pct_start=args.warmup)
     # float16 overflows above 65504. The loss is summed over every pixel, so GradScaler's default
@@ -359,10 +333,8 @@ def train(args):
         tick = time.perf_counter()
         losses = train_one_epoch(step_model, images, train_rows, augment, optimizer, scheduler,
                                  scaler, shuffle, args, device, epoch, stop)
-        if losses is None:  # stopped within the epoch: the one before it is the last saved
-            return interrupted(args, epoch - 1, checkpoint_path)
-        seconds, states = time.perf_counter() - tick, rng_states()
-        if MASTER:  # one process evaluates, reports and saves; the others go straight on
+        seconds, states = time.perf_counter() - tick, gathered(torch.get_rng_state())
+        if MASTER and losses:  # one process evaluates, reports and saves; the others go on
             # Evaluate: the validation images, never augmented, reconstructed from mu.
             row = {"epoch": epoch, "train_mse": losses[0], "train_kl": losses[1],
                    **evaluate(model, val_images, device, args.kl_weight),
@@ -383,8 +355,14 @@ def train(args):
                              "epoch": epoch, "metrics": metrics, "world_size": WORLD_SIZE,
                              "shuffle_state": shuffle.get_state(), "rng_states": states,
                              "args": vars(args)}, checkpoint_path)
-        if agreed(stop, device):
-            return interrupted(args, epoch, checkpoint_path)
+        if losses is None or any(gathered(bool(stop))):  # all processes stop at the same step
+            done = epoch if losses else epoch - 1  # None: stopped within the epoch (torchrun)
+            saved = "epoch 1 is" if done == 1 else f"epochs 1-{done} are"
+            go_on = f"{saved} saved in {checkpoint_path}: continue with `{resume_command(args)}`"
+            if MASTER:
+                print(f"interrupted after epoch {done}; " + (go_on if done else "start it again"),
+                      file=sys.stderr)
+            return 130
 
     if not MASTER:  # rank 0 alone trains the prior (small: one GPU's work) and saves the model
         return 0
@@ -406,17 +384,17 @@ def check_finite(row, model, args, epoch):
     if finite and all(map(math.isfinite, row.values())):
         return
     loss = row["train_mse"] + row["train_kl"]
-    raise UserError(f"training diverged in epoch {epoch} (loss {loss:g},"
-                    f" val loss {row['val_loss']:g}); lower --lr (now {args.lr}) or --kl-weight "
-                    f"(now {args.kl_weight}) and start again; the checkpoint of epoch {epoch - 1} "
-                    f"is kept in {args.results_dir}")
+    raise UserError(f"training diverged in epoch {epoch} (loss {loss:g}, val loss "
+                    f"{row['val_loss']:g}); lower --lr (now {args.lr}) or --kl-weight (now "
+                    f"{args.kl_weight}) and start again; the checkpoint of epoch {epoch - 1} is "
+                    f"kept in {args.results_dir}")
 
 
 def resume_settings(args, checkpoint_path):
-    """(settings, checkpoint) of the run to resume, as it started; but the device, --results-dir,
-    --cache-dir, --out and prior flags given are this command line's; other changes are refused."""
+    """(settings, checkpoint) of the run to resume; only the device, folders, --out and prior
+    flags may differ from its own."""
     try:
-        checkpoint = from_rank_0(load_checkpoint(checkpoint_path) if MASTER else None)
+        checkpoint = gathered(load_checkpoint(checkpoint_path) if MASTER else None)[0]
     except (FileNotFoundError, CheckpointError):
         raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
                         "start a new run without --resume") from None
@@ -425,8 +403,7 @@ def resume_settings(args, checkpoint_path):
                         f"and resumes only with as many, not {WORLD_SIZE}; or start a new run")
     defaults = vars(parse_args([]))
     given = {key: value for key, value in vars(args).items() if value != defaults[key]}
-    fresh = {key: value for key, value in given.items()
-             if key == "out" or key.startswith("prior_")}
+    fresh = {k: v for k, v in given.items() if k == "out" or k.startswith("prior_")}
     fresh.update(device=args.device, resume=True, results_dir=args.results_dir,
                  cache_dir=args.cache_dir)
     ignored = [f"--{key.replace('_', '-')}" for key in sorted(given.keys() - fresh.keys())
@@ -441,23 +418,12 @@ def resume_settings(args, checkpoint_path):
 
 def finished(args, checkpoint):
     """Nothing left to resume: all epochs done, the model saved, its prior too unless none asked."""
-    if checkpoint["epoch"] < args.epochs:
-        return False
     try:  # a model file that is gone or damaged is written again
         prior = load_checkpoint(args.out).get("prior")
     except (FileNotFoundError, CheckpointError):
         return False
-    return args.prior_steps == 0 or prior is not None and not args.new_prior
-
-
-def interrupted(args, epoch, checkpoint_path):
-    """Exit status 130 after a stop, with the command that goes on from the last saved epoch."""
-    saved = "epoch 1 is" if epoch == 1 else f"epochs 1-{epoch} are"
-    go_on = f"{saved} saved in {checkpoint_path}: continue with `{resume_command(args)}`"
-    if MASTER:
-        print(f"interrupted after epoch {epoch}; " + (go_on if epoch else "start the run again"),
-              file=sys.stderr)
-    return 130
+    done = checkpoint["epoch"] == args.epochs
+    return done and (args.prior_steps == 0 or prior is not None and not args.new_prior)
 
 
 def resume_command(args):
@@ -468,8 +434,8 @@ def resume_command(args):
 
 # --- Command line: every setting above has a flag, and the constant is its default ------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a convolutional VAE on Pokémon images, then "
-                                "a learned prior.", formatter_class=HelpWithDefaults)
+    p = argparse.ArgumentParser(description="Train a convolutional VAE on Pokémon images, then a "
+                                "learned prior.", formatter_class=HelpWithDefaults)
     add = p.add_argument
     by_gpu = "{}; default {} with a CUDA GPU, {} without".format
     add("--data", default=DATASET, help="Hub data set name or local image folder")
@@ -487,13 +453,11 @@ def parse_args(argv=None):
     add("--save-every", type=positive_int, default=SAVE_EVERY, help="epochs between picture grids")
     add("--amp", choices=["auto", "on", "off"], default=AMP, help="bfloat16 (float16) autocast")
     add("--compile", action=argparse.BooleanOptionalAction, default=COMPILE, help="torch.compile")
-    add("--prior-steps", type=steps_or_0, default=PRIOR_STEPS,
-        help="optimizer steps of the learned prior; 0 skips stage two")
+    add("--prior-steps", type=steps_or_0, default=PRIOR_STEPS, help="prior steps; 0: none")
     add("--prior-batch-size", type=positive_int, default=PRIOR_BATCH_SIZE, help="latents a step")
     add("--prior-lr", type=positive_float, default=PRIOR_LR, help="the prior's, decayed to 0")
     add("--prior-width", type=unet_width, default=PRIOR_WIDTH, help="channels of the prior's U-Net")
-    add("--prior-guide-steps", type=steps_or_0, default=PRIOR_GUIDE_STEPS,
-        help="optimizer steps of the prior's guide; 0 trains none")
+    add("--prior-guide-steps", type=steps_or_0, default=PRIOR_GUIDE_STEPS, help="0 trains none")
     add("--prior-guide-width", type=unet_width, default=PRIOR_GUIDE_WIDTH, help="the guide's")
     add("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     add("--seed", type=int, default=SEED, help="seeds the split, shuffling, augmentation, weights")

@@ -22,8 +22,7 @@ def norm(channels):
 
 
 class ResBlock(nn.Module):
-    """Two 3x3 convolutions with a skip connection: the skip lets gradients reach the
-    early layers directly, so the network trains fast even when it is deep."""
+    """Two 3x3 convolutions and a skip, which lets gradients reach early layers directly."""
 
     def __init__(self, channels):
         super().__init__()
@@ -157,8 +156,7 @@ class CheckpointError(ValueError):
 
 
 def vae_checkpoint(model, prior=None, guide=None):
-    """The part of a checkpoint that rebuilds the model: its constructor config + weights,
-    and the same for the learned prior and its guide where there are."""
+    """Config and weights of the model (and of the learned prior and its guide, if given)."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the real one
     checkpoint = {"config": dict(model.config), "model": model.state_dict()}
     for name, part in (("prior", prior), ("guide", guide)):
@@ -168,8 +166,7 @@ def vae_checkpoint(model, prior=None, guide=None):
 
 
 def atomic_write(path, write):
-    """write(tmp) to a temporary file beside `path`, renamed over it: a rename is atomic, so a
-    crash or Ctrl-C mid-write leaves the previous file whole, and a failure no temporary file."""
+    """write(tmp) beside `path`, then an atomic rename: a crash mid-write leaves the old file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -185,30 +182,21 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True: tensors and plain containers only, so a file that
-    carries pickled code is refused instead of executed."""
+    """torch.load(weights_only=True): a file carrying pickled code is refused, not executed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # random bytes, empty or text file, pickled code, truncation
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
-                              f"{what_is_wrong(path, error)}") from error
+        why = ("the file is empty" if os.path.getsize(path) == 0 else
+               "it holds pickled code or objects, which are never loaded" if "GLOBAL" in str(error)
+               else "it is cut short or damaged" if isinstance(error, (RuntimeError, OSError))
+               else "it is not a file that torch.save wrote")  # OSError: a zip cut short
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {why}") from error
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this VAE "
                               "(it has no 'config' and 'model' entries)")
     return checkpoint
-
-
-def what_is_wrong(path, error):
-    """In words, why torch.load(weights_only=True) refused the file at `path`."""
-    if os.path.getsize(path) == 0:
-        return "the file is empty"
-    if "GLOBAL" in str(error):
-        return "it holds pickled code or objects, which are never loaded"
-    if isinstance(error, (RuntimeError, OSError)):  # torch.save's zip archive, cut short
-        return "it is cut short or damaged"
-    return "it is not a file that torch.save wrote"
 
 
 def rebuild(model_class, entry, mismatch, device="cpu"):
@@ -217,8 +205,7 @@ def rebuild(model_class, entry, mismatch, device="cpu"):
         model = model_class(**entry["config"])
         model.load_state_dict(entry["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{mismatch} ({first_line})") from error
+        raise CheckpointError(f"{mismatch} ({str(error).strip().splitlines()[0]})") from error
     return model.to(device).eval()
 
 

@@ -5,7 +5,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import ddp_step
 import train_vae
 from conftest import CACHE_HOME, HF_HOME, ROOT, assert_user_error, run_script
 from latent_prior import load_prior
+from test_train_vae import Recorder
 from vae_model import load_vae
 
 RUN = ("--epochs", 6, "--image-size", 32, "--batch-size", 2, "--save-every", 100, "--prior-steps", 0,
@@ -70,14 +70,26 @@ def test_two_processes_average_the_gradients_of_one_process_with_twice_the_batch
     torch.testing.assert_close(two["losses"], losses, rtol=1e-5, atol=0)
 
 
-def test_each_process_takes_an_equal_share_and_together_every_image(monkeypatch):
-    order = torch.tensor([4, 0, 6, 2, 5, 1, 3])
+def test_each_process_takes_an_equal_share_of_the_shuffled_order_and_together_every_image(monkeypatch):
+    """7 images, 3 processes: every third of the epoch's shuffled order, filled up to 9 from its start."""
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 4, 4).contiguous()
+    index, order = torch.tensor([9, 2, 7, 0, 4, 5, 1]), torch.randperm(7, generator=torch.Generator().manual_seed(5))
+    args = train_vae.parse_args(["--batch-size", "2"])
+    args.epochs, args.use_amp, args.amp_dtype = 1, False, "bfloat16"
     monkeypatch.setattr(train_vae, "WORLD_SIZE", 3)
-    shares = []
+    monkeypatch.setattr(train_vae, "gathered", lambda value: [value])  # no other processes here
+    seen = []
     for rank in range(3):
         monkeypatch.setattr(train_vae, "RANK", rank)
-        shares.append(train_vae.share(order).tolist())
-    assert shares == [[4, 2, 3], [0, 5, 4], [6, 1, 0]]  # 7 filled up to 9 from the start
+        model = Recorder()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        train_vae.train_one_epoch(model, images, index, lambda batch: batch, optimizer, scheduler,
+                                  torch.amp.GradScaler("cpu", enabled=False), torch.Generator().manual_seed(5),
+                                  args, torch.device("cpu"), 1)
+        seen.append([image for batch in model.batches for image in batch[:, 0, 0, 0].add(1).mul(127.5).round().long().tolist()])
+    expected = index[torch.cat([order, order[:2]])]
+    assert seen == [expected[rank::3].tolist() for rank in range(3)]
 
 
 def test_torchrun_trains_one_model_in_half_the_steps_that_sample_vae_loads(undisturbed):

@@ -187,13 +187,13 @@ def test_checkpoint_without_prior_falls_back_to_normal_with_a_note(model_without
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
-def test_a_prior_without_a_guide_samples_unguided_with_a_note(trained, tmp_path):
+def test_a_prior_without_a_guide_samples_unguided(trained, tmp_path):
     model, prior = load_vae(trained["model"]), load_prior(trained["model"])[0]
     torch.save(vae_checkpoint(model, prior), tmp_path / "unguided.pth")  # as --prior-guide-steps 0 writes it
     result = run_script("sample_vae.py", "--model", tmp_path / "unguided.pth", "--generate", 3, "--seed", 2,
                         "--sample-steps", 5, "--out", tmp_path / "a.png")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "holds no guide for its prior" in result.stdout and ", autoguidance" not in result.stdout
+    assert ", autoguidance" not in result.stdout
     noise = torch.randn(3, LATENT_CHANNELS, 4, 4, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = grid_pixels(model.decode(sample_prior(prior, noise, 5)), 3)
