@@ -220,5 +220,5 @@ def make_augment(rotation, fit="pad", size=None):
 def save_png(images, path, nrow=8):
     """A grid of images in [-1, 1] as a PNG, written whole or not at all."""
     from torchvision.utils import save_image
-    atomic_write(path, lambda tmp: save_image(images.float(), tmp, "png", nrow=nrow, padding=2,
-                                              normalize=True, value_range=(-1, 1), pad_value=1))
+    grid = dict(nrow=nrow, normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
+    atomic_write(path, lambda tmp: save_image(images.float(), tmp, format="png", **grid))

@@ -3,7 +3,7 @@ Train the VAE of vae_model.py on Pokémon images, then a learned prior over its 
 
     python train_vae.py                          # the Hugging Face Hub data set
     python train_vae.py --data path/to/folder    # any folder of images, offline
-    torchrun --nproc_per_node 4 train_vae.py     # one model trained by 4 GPUs (DDP)
+    torchrun --standalone --nproc_per_node 4 train_vae.py   # one model trained by 4 GPUs (DDP)
 
 Read top to bottom: settings, processes, data, an epoch, evaluation and pictures, stage two (the
 prior of latent_prior.py), and train(), which runs them in that order; faults; the command line.
@@ -162,8 +162,7 @@ def train_one_epoch(model, images, index, augment, optimizer, scheduler, scaler,
     """One shuffled pass over this process's share of images[index]; the mean MSE and KL per
     image, read once at the end (an .item() per step waits for the GPU). None: stopped."""
     order = torch.randperm(len(index), generator=shuffle)  # the same in every process
-    # This process's share: every WORLD_SIZE-th from its RANK on, filled up from the start so
-    # that all take as many steps (DistributedSampler's rule, applied to the shuffled order).
+    # This process's share, equal for all: every WORLD_SIZE-th from its RANK (DistributedSampler).
     mine = order[list(DistributedSampler(order, WORLD_SIZE, RANK, shuffle=False))]
     batches = index[mine.to(index.device)].split(args.batch_size)
     sums = torch.zeros(2, device=device)
@@ -240,8 +239,9 @@ def plot_loss_curve(metrics, results_dir):
 
 # --- Stage two: a learned prior over the trained VAE's latent space ---------------------------
 def stage_two(model, images, index, args, device, stop, noise):
-    """Fit the prior, then its smaller guide, to the latent means of the training images and
-    their mirrors (not augmented: the prior would draw tilted frames). False on Ctrl-C."""
+    """Fit the prior, then its smaller guide, to the latent means (not samples: the decoder ignores
+    the posterior's noise) of the training images and their mirrors, not of augmented ones (the
+    prior would draw their tilted frames and grey backgrounds). False on Ctrl-C."""
     tick = time.perf_counter()
     model.eval()
     mus = []
@@ -399,8 +399,8 @@ def resume_settings(args, checkpoint_path):
         raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
                         "start a new run without --resume") from None
     if checkpoint.get("world_size", 1) != WORLD_SIZE:  # each process's share and random draws
-        raise UserError(f"this run was trained by {checkpoint.get('world_size', 1)} process(es) "
-                        f"and resumes only with as many, not {WORLD_SIZE}; or start a new run")
+        raise UserError(f"this run was trained by {checkpoint.get('world_size', 1)} process(es); "
+                        f"resume it with as many, not {WORLD_SIZE}, or start a new run")
     defaults = vars(parse_args([]))
     given = {key: value for key, value in vars(args).items() if value != defaults[key]}
     fresh = {k: v for k, v in given.items() if k == "out" or k.startswith("prior_")}

@@ -47,7 +47,7 @@ def run(command, threads, log):
 def train(args, name, processes, batch, epochs, *flags):
     """train_vae.py at 128 px with `processes` processes of `batch` images each; its metrics."""
     folder = os.path.join(args.out, name)
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
                 if processes > 1 else [sys.executable])
     command = launcher + ["train_vae.py", "--data", args.data, "--device", "cpu", "--image-size", "128",
                           "--epochs", str(epochs), "--batch-size", str(batch), "--prior-steps", "0",
@@ -129,7 +129,7 @@ def main():
         one = train(args, "speed_1x2", 1, 2, SPEED_EPOCHS)
         two = train(args, "speed_2x1", 2, 1, SPEED_EPOCHS)
         file = os.path.join(args.out, "allreduce.json")
-        run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__,
+        run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
              "--allreduce-worker", file], 1, os.path.join(args.out, "allreduce.log"))
         reduce = json.load(open(file))
         step_s = 2 / two["images_per_s"]

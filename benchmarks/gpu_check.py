@@ -190,7 +190,7 @@ def check_torchrun(args, log):
     speeds, data = {}, os.path.abspath(args.data) if os.path.isdir(args.data) else args.data
     for n in counts:
         out = os.path.abspath(os.path.join(args.out, f"torchrun_{n}"))  # torchrun runs in ROOT
-        status = log.run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+        status = log.run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
                          "train_vae.py", "--data", data, "--epochs", "2", "--image-size", str(size),
                          "--prior-steps", "0", "--results-dir", out, "--out", os.path.join(out, "m.pth"),
                          *(["--device", "cpu"] if args.cpu else []))

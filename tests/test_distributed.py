@@ -26,7 +26,9 @@ def torchrun(*args, nproc=2, cwd=None, wait=True, torchrun_flags=()):
     args = args[1:] if script == args[0] else args
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
            "HF_HOME": HF_HOME, "XDG_CACHE_HOME": CACHE_HOME, "MPLBACKEND": "Agg"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+    # --standalone: a free port of its own (the default 29500 would join runs of other tests).
+    standalone = [] if "--nnodes" in torchrun_flags else ["--standalone"]
+    command = [sys.executable, "-m", "torch.distributed.run", *standalone, "--nproc_per_node", str(nproc),
                *torchrun_flags, script, *map(str, args)]
     if not wait:
         return subprocess.Popen(command, cwd=cwd or ROOT, env=env, stdout=subprocess.PIPE,
@@ -149,7 +151,8 @@ def test_ctrl_c_stops_every_process_and_resume_ends_as_if_undisturbed(tmp_path, 
     wait_for_epoch(process, 2)
     process.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends torchrun, which passes it on
     _, stderr = process.communicate(timeout=120)
-    assert "Ctrl-C: saving the work under way" in stderr and "Traceback" not in stderr.split("Ctrl-C")[1].split("torch.distributed")[0]
+    # torchrun itself ends in its SignalException's traceback; the workers stop cleanly.
+    assert "Ctrl-C: saving the work under way" in stderr and 'train_vae.py", line' not in stderr
     assert stderr.count("interrupted after epoch") == 1, stderr[-3000:]
     stopped = torch.load(tmp_path / "r" / "checkpoint.pth", weights_only=True)["epoch"]
     assert 2 <= stopped < 6 and not (tmp_path / "m.pth").exists()
