@@ -113,7 +113,11 @@ def start_processes(name):
     device = torch.device(f"cuda:{LOCAL_RANK}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # This attempt's keys only: those a lost attempt left in torchrun's store lead to dead peers.
+    attempt = f"attempt {os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+    store = dist.PrefixStore(attempt, next(dist.rendezvous("env://"))[0])
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=RANK,
+                            world_size=WORLD_SIZE)
     if not MASTER:
         sys.stdout = open(os.devnull, "w")
     return device
@@ -159,13 +163,12 @@ def load_data(args, device):
 # --- One epoch of training --------------------------------------------------------------------
 def train_one_epoch(model, images, index, augment, optimizer, scheduler, scaler, shuffle, args,
                     device, epoch, stop=()):
-    """One shuffled pass over this process's share of images[index]; the mean MSE and KL per
-    image, read once at the end (an .item() per step waits for the GPU). None: stopped."""
+    """A shuffled pass over this process's share of images[index]: the mean MSE and KL per image."""
     order = torch.randperm(len(index), generator=shuffle)  # the same in every process
     # This process's share, equal for all: every WORLD_SIZE-th from its RANK (DistributedSampler).
     mine = order[list(DistributedSampler(order, WORLD_SIZE, RANK, shuffle=False))]
     batches = index[mine.to(index.device)].split(args.batch_size)
-    sums = torch.zeros(2, device=device)
+    sums = torch.zeros(2, device=device)  # read once at the end: an .item() a step waits for GPU
     for step, pick in enumerate(tqdm(batches, f"epoch {epoch}/{args.epochs}", leave=False,
                                      disable=not MASTER)):
         if WORLD_SIZE > 1 and step % STOP_CHECK == 0 and any(gathered(bool(stop))):
@@ -242,9 +245,8 @@ def stage_two(model, images, index, args, device, stop, noise):
     """Fit the prior, then its smaller guide, to the latent means (not samples: the decoder ignores
     the posterior's noise) of the training images and their mirrors, not of augmented ones (the
     prior would draw their tilted frames and grey backgrounds). False on Ctrl-C."""
-    tick = time.perf_counter()
+    tick, mus = time.perf_counter(), []
     model.eval()
-    mus = []
     with torch.no_grad():
         for pick in index.split(32):
             batch = images[pick].to(device)
@@ -383,16 +385,14 @@ def check_finite(row, model, args, epoch):
     finite = all(w.isfinite().all() for w in model.parameters())
     if finite and all(map(math.isfinite, row.values())):
         return
-    loss = row["train_mse"] + row["train_kl"]
-    raise UserError(f"training diverged in epoch {epoch} (loss {loss:g}, val loss "
-                    f"{row['val_loss']:g}); lower --lr (now {args.lr}) or --kl-weight (now "
-                    f"{args.kl_weight}) and start again; the checkpoint of epoch {epoch - 1} is "
-                    f"kept in {args.results_dir}")
+    raise UserError(f"training diverged in epoch {epoch} (loss "
+                    f"{row['train_mse'] + row['train_kl']:g}, val loss {row['val_loss']:g}); lower "
+                    f"--lr (now {args.lr}) or --kl-weight (now {args.kl_weight}) and start again; "
+                    f"the checkpoint of epoch {epoch - 1} is kept in {args.results_dir}")
 
 
 def resume_settings(args, checkpoint_path):
-    """(settings, checkpoint) of the run to resume; only the device, folders, --out and prior
-    flags may differ from its own."""
+    """(settings, checkpoint) to resume; only device, folders, --out, prior flags may change."""
     try:
         checkpoint = gathered(load_checkpoint(checkpoint_path) if MASTER else None)[0]
     except (FileNotFoundError, CheckpointError):

@@ -60,7 +60,6 @@ def train_for(seconds, images, size, batch_size, device, log):
     pays for cuDNN's and the allocator's warm-up. Returns (model, its training images, images/s,
     seconds of one evaluation)."""
     import torch
-    import cli
     import image_data
     import train_vae
     from vae_model import VAE

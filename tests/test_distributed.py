@@ -36,6 +36,16 @@ def torchrun(*args, nproc=2, cwd=None, wait=True, torchrun_flags=()):
     return subprocess.run(command, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def finish(process, timeout=300):
+    """communicate(); on a timeout, torchrun is told to stop its workers before the test fails."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        process.communicate(timeout=60)
+        raise
+
+
 def weights(path):
     return load_vae(path).state_dict()
 
@@ -138,7 +148,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_undisturbed(tmp_pat
                        wait=False, torchrun_flags=("--max-restarts", "1"))
     wait_for_epoch(process, 2)
     os.kill(worker_pids(process)[1], signal.SIGKILL)
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, stderr = finish(process)
     assert process.returncode == 0, stderr[-3000:]
     assert "resuming after epoch" in stdout
     assert metrics_without_timing(tmp_path / "r") == metrics_without_timing(undisturbed["work"] / "r")
@@ -150,7 +160,7 @@ def test_ctrl_c_stops_every_process_and_resume_ends_as_if_undisturbed(tmp_path, 
     process = torchrun(*run, wait=False)
     wait_for_epoch(process, 2)
     process.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends torchrun, which passes it on
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = finish(process, 120)
     # torchrun itself ends in its SignalException's traceback; the workers stop cleanly.
     assert "Ctrl-C: saving the work under way" in stderr and 'train_vae.py", line' not in stderr
     assert stderr.count("interrupted after epoch") == 1, stderr[-3000:]
@@ -177,7 +187,7 @@ def test_two_machines_build_a_cache_each_and_train_one_model(tmp_path, image_fol
     agents = [torchrun("--data", image_folder, "--epochs", 2, *RUN[2:], "--cache-dir", tmp_path / f"cache{n}",
                        "--results-dir", tmp_path / f"r{n}", "--out", tmp_path / f"m{n}.pth", nproc=1,
                        wait=False, torchrun_flags=flags) for n in (0, 1)]
-    ended = [agent.communicate(timeout=300) for agent in agents]
+    ended = [finish(agent) for agent in agents]
     for agent, (_, stderr) in zip(agents, ended):
         assert agent.returncode == 0, stderr[-3000:]
     for n in (0, 1):
