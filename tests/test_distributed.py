@@ -213,3 +213,15 @@ def test_more_processes_than_gpus_is_refused_in_one_sentence(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(train_vae.UserError, match=r"more processes on this machine than it has GPUs \(1\)"):
         train_vae.start_processes("auto")
+
+
+def test_compile_under_torchrun_trains_and_saves_the_plain_model(tmp_path, image_folder):
+    """torch.compile inside DDP (nanoGPT's order: compile, then wrap); the first epoch compiles."""
+    result = torchrun("--data", image_folder, "--epochs", 2, *RUN[2:], "--compile", "--results-dir", tmp_path / "r",
+                      "--out", tmp_path / "m.pth")
+    assert result.returncode == 0, result.stderr[-3000:]
+    first_line = result.stdout.splitlines()[0]
+    assert "2 processes x batch 2 = 4" in first_line and first_line.endswith(", torch.compile")
+    state = torch.load(tmp_path / "m.pth", weights_only=True)["model"]
+    assert not any(key.startswith(("_orig_mod", "module")) for key in state)  # the unwrapped model's names
+    assert load_vae(tmp_path / "m.pth").image_size == 32
