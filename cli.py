@@ -1,5 +1,5 @@
-"""What the command lines of train_vae.py and sample_vae.py share: the one-sentence error a
-user can fix, checked flag values, the device and its precision, that an output can be written."""
+"""What the command lines of train_vae.py and sample_vae.py share: the one-sentence error a user
+can fix, checked flag values, the device and its precision, writable outputs, a clean stop."""
 import argparse
 import os
 import signal
@@ -27,6 +27,21 @@ def run_main(main):
     except KeyboardInterrupt:  # every save is atomic, so there is nothing to clean up
         print("\ninterrupted; every file written so far is whole", file=sys.stderr)
         sys.exit(130)
+
+
+def stop_on_signals():
+    """The flag `stop`, empty until Ctrl-C or SIGTERM (Slurm, Kubernetes, kill, torchrun): the
+    work under way ends, is saved, and the run stops. A second one stops at once."""
+    stop = []
+    def on_stop(signum, frame):
+        stop.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"\n{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: saving the work under "
+              "way, then stopping (again: stop at once)", file=sys.stderr)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_stop)
+    return stop
 
 
 # --- Checked flag types: argparse answers a bad value with the rule it broke ------------------
@@ -101,18 +116,3 @@ def check_writable(path, flag):
     except OSError as error:
         raise UserError(f"cannot write to the folder {folder} ({error.strerror}); pass {flag} "
                         "with a path in a folder you can write to") from error
-
-
-def stop_on_signals():
-    """The flag `stop`, empty until Ctrl-C or SIGTERM (Slurm, Kubernetes, kill, torchrun): the
-    work under way ends, is saved, and the run stops. A second one stops at once."""
-    stop = []
-    def on_stop(signum, frame):
-        stop.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        print(f"\n{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: saving the work under "
-              "way, then stopping (again: stop at once)", file=sys.stderr)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_stop)
-    return stop
