@@ -214,3 +214,24 @@ def test_bench_samples_names_a_missing_model(image_folder, tmp_path):
                              "--model", str(tmp_path / "none.pth"), "--data", image_folder],
                             capture_output=True, text=True, timeout=300)
     assert_user_error(result, "none.pth", "train_vae.py")
+
+
+def test_bench_ddp_measures_one_process_against_two_and_projects_from_the_gradient(image_folder, tmp_path):
+    import json
+    out = tmp_path / "ddp"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_ddp.py"), "--data", image_folder,
+                             "--out", str(out), "--parts", "speed", "quality", "--epochs", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    speed = results["speed"]
+    assert speed["gradient_bytes"] == 4 * 952_344 and speed["allreduce_s"] > 0  # the VAE's float32 gradient
+    assert speed["one_process"]["images_per_s"] > 0 and speed["two_processes"]["images_per_s"] > 0
+    rows = {(row["gpus"], row["link"]): row for row in speed["projection"]}
+    assert rows[(1, "NVLink")]["efficiency"] == 1.0 and len(rows) == 11
+    # A ring all-reduce of n processes: 2 (n - 1) hops of 1/n of the gradient each.
+    assert rows[(4, "25 Gbit/s")]["allreduce_ms"] == pytest.approx(1e3 * 6 * (4 * 952_344 / 4 / 2.8e9 + 50e-6))
+    assert rows[(2, "PCIe 4.0")]["efficiency"] > rows[(4, "PCIe 4.0")]["efficiency"] > rows[(8, "PCIe 4.0")]["efficiency"]
+    for run in results["quality"].values():
+        assert math.isfinite(run["val_psnr"]) and run["val_psnr"] > 0
+    assert "| 2 x 1 (gloo) | 1 |" in result.stdout and "| 2 x 1 |" in result.stdout
