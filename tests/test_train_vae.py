@@ -136,20 +136,27 @@ def test_an_epoch_indexes_every_training_image_once_in_the_seeded_order():
 # ------------------------------------------------------------------ Ctrl-C, exact resume, NaN, whole saves
 
 
-def test_ctrl_c_saves_and_resume_finishes_the_same_epochs(tmp_path, image_folder):
+def stop_after(rows, signum, tmp_path, image_folder):
+    """train_vae.py for 60 epochs, sent `signum` once `rows` epochs are in metrics.jsonl; its exit
+    status, stderr and results folder."""
     results = tmp_path / "results"
-    args = [sys.executable, os.path.join(ROOT, "train_vae.py"), "--data", image_folder,
-            "--epochs", "60", "--image-size", "32", "--batch-size", "4", "--save-every", "100", "--prior-steps", "0",
+    args = [sys.executable, os.path.join(ROOT, "train_vae.py"), "--data", image_folder, "--epochs", "60",
+            "--image-size", "32", "--batch-size", "4", "--save-every", "100", "--prior-steps", "0", "--device", "cpu",
             "--out", str(tmp_path / "m.pth"), "--results-dir", str(results)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": HF_HOME, "MPLBACKEND": "Agg"}
     process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (
-            (results / "metrics.jsonl").exists() and len(read_metrics(results)) >= 3):
+            (results / "metrics.jsonl").exists() and len(read_metrics(results)) >= rows):
         time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr[-2000:]
+    return process.returncode, stderr, results
+
+
+def test_ctrl_c_saves_and_resume_finishes_the_same_epochs(tmp_path, image_folder):
+    status, stderr, results = stop_after(3, signal.SIGINT, tmp_path, image_folder)
+    assert status == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     stopped = torch.load(results / "checkpoint.pth", weights_only=True)["epoch"]
     assert 2 <= stopped < 60
@@ -172,19 +179,8 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_epochs(tmp_path, image_folder
 
 def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, image_folder):
     """What Slurm, Kubernetes and `kill` send: the epoch under way ends and is saved."""
-    results = tmp_path / "results"
-    args = [sys.executable, os.path.join(ROOT, "train_vae.py"), "--data", image_folder, "--epochs", "60",
-            "--image-size", "32", "--batch-size", "4", "--prior-steps", "0", "--device", "cpu",
-            "--out", str(tmp_path / "m.pth"), "--results-dir", str(results)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": HF_HOME, "MPLBACKEND": "Agg"}
-    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (
-            (results / "metrics.jsonl").exists() and len(read_metrics(results)) >= 2):
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr[-2000:]
+    status, stderr, results = stop_after(2, signal.SIGTERM, tmp_path, image_folder)
+    assert status == 130, stderr[-2000:]
     assert "SIGTERM: saving the work under way" in stderr and "Traceback" not in stderr
     stopped = torch.load(results / "checkpoint.pth", weights_only=True)["epoch"]
     assert 2 <= stopped < 60 and len(read_metrics(results)) == stopped
