@@ -207,7 +207,7 @@ def sample_prior(prior, noise, steps=200, guide=None, guidance=1.5, interval=(0.
 def load_prior(path, map_location="cpu"):
     """(prior, guide) stored next to the VAE in `path`, each None where there is none."""
     checkpoint = load_checkpoint(path, map_location)
-    mismatch = f"{path} holds a {{}} that does not fit its own config".format
     return tuple(None if checkpoint.get(name) is None else
-                 rebuild(LatentPrior, checkpoint[name], mismatch(name), map_location)
+                 rebuild(LatentPrior, checkpoint[name],
+                         f"{path} holds a {name} that does not fit its own config", map_location)
                  for name in ("prior", "guide"))

@@ -67,7 +67,7 @@ GRID_IMAGES = 8           # validation images shown in each reconstruction grid
 STOP_CHECK = 20           # steps between the checks, under torchrun, that no process was stopped
 # torchrun tells each process its place (a plain `python` run is 0 of 1); rank 0 alone speaks.
 RANK, LOCAL_RANK = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-WORLD_SIZE, MASTER = int(os.environ.get("WORLD_SIZE", 1)), os.environ.get("RANK", "0") == "0"
+WORLD_SIZE, MASTER = int(os.environ.get("WORLD_SIZE", 1)), RANK == 0
 
 
 def settings(args, device):

@@ -65,7 +65,8 @@ def metrics_without_timing(results):
 def undisturbed(tmp_path_factory, image_folder):
     """A 2-process run of RUN, never stopped: what a stopped and resumed one must equal."""
     work = tmp_path_factory.mktemp("undisturbed")
-    result = torchrun("--data", image_folder, *RUN, "--results-dir", work / "r", "--out", work / "m.pth")
+    result = torchrun("--data", image_folder, *RUN, "--results-dir", work / "r", "--out", work / "m.pth",
+                      "--cache-dir", work / "cache")  # a cache of its own: decoded in this run
     assert result.returncode == 0, result.stderr[-3000:]
     return {"work": work, "stdout": result.stdout, "stderr": result.stderr}
 
@@ -108,6 +109,10 @@ def test_torchrun_trains_one_model_in_half_the_steps_that_sample_vae_loads(undis
     work, results = undisturbed["work"], undisturbed["work"] / "r"
     assert "2 processes x batch 2 = 4" in undisturbed["stdout"].splitlines()[0]
     assert undisturbed["stdout"].count("epoch   1/6") == 1  # rank 0 alone speaks
+    # One decoding on this machine, by its first process, while the other waits at the barrier
+    # (the progress bar goes to stderr, which every process keeps).
+    assert undisturbed["stderr"].count("caching images at 32 px:   0%") == 1, undisturbed["stderr"][-2000:]
+    assert len(os.listdir(work / "cache")) == 1
     assert [row["epoch"] for row in metrics_without_timing(results)] == list(range(1, 7))
     checkpoint = torch.load(results / "checkpoint.pth", weights_only=True)
     # 11 training images: one process takes 6 steps of 2 an epoch, each of two processes 3.
