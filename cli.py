@@ -1,8 +1,10 @@
 """What the command lines of train_vae.py and sample_vae.py share: the one-sentence error a user
 can fix, checked flag values, the device and its precision, writable outputs, a clean stop."""
 import argparse
+import atexit
 import os
 import signal
+import socket
 import sys
 import tempfile
 
@@ -29,16 +31,32 @@ def run_main(main):
         sys.exit(130)
 
 
+class Stop:
+    """True once Ctrl-C or SIGTERM came: the work under way ends, is saved, and the run stops.
+    The first look at it after the signal says so: the handler itself prints nothing, since a
+    print may be under way (tqdm's) when the signal comes, and print is not re-entrant."""
+
+    def __init__(self):
+        self.signals, self.said = [], False
+
+    def __bool__(self):
+        if self.signals and not self.said:
+            self.said = True
+            name = "Ctrl-C" if self.signals[0] == signal.SIGINT else "SIGTERM"
+            print(f"\n{name}: saving the work under way, then stopping (again: stop at once)",
+                  file=sys.stderr)
+        return bool(self.signals)
+
+
 def stop_on_signals():
-    """The flag `stop`, empty until Ctrl-C or SIGTERM (Slurm, Kubernetes, kill, torchrun): the
-    work under way ends, is saved, and the run stops. A second one stops at once."""
-    stop = []
+    """A Stop set by Ctrl-C or SIGTERM (Slurm, Kubernetes, kill, torchrun); a second one stops
+    at once."""
+    stop = Stop()
+
     def on_stop(signum, frame):
-        stop.append(signum)
+        stop.signals.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        print(f"\n{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: saving the work under "
-              "way, then stopping (again: stop at once)", file=sys.stderr)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_stop)
     return stop
@@ -50,6 +68,25 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose error is said by one process: torchrun starts every process
+    with the same flags, so all meet the same mistake."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") != "0":
+            sys.exit(2)
+        super().error(message)
+
+
+def typed_flags(parser, argv=None):
+    """The names (dests) of the flags typed in argv: argparse fills in a default only for a name
+    the namespace it is given does not have yet."""
+    unset = object()
+    names = vars(parser.parse_args([] if argv is None else argv))
+    typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, unset)))
+    return {name for name, value in vars(typed).items() if value is not unset}
 
 
 def checked(kind, ok, rule):
@@ -116,3 +153,71 @@ def check_writable(path, flag):
     except OSError as error:
         raise UserError(f"cannot write to the folder {folder} ({error.strerror}); pass {flag} "
                         "with a path in a folder you can write to") from error
+
+
+# --- One run per results folder ----------------------------------------------------------------
+LOCK_NAME = ".lock"  # in a results folder: "host pid" of the run writing there
+
+
+def lock_folder(folder, flag):
+    """Hold `folder` for this process until it ends: a second run writing there would mix its
+    files with this one's. A lock left by a process that died on this machine is taken over;
+    one from another machine is honoured, since its process cannot be checked from here."""
+    path, me = os.path.join(folder, LOCK_NAME), f"{socket.gethostname()} {os.getpid()}"
+    made = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    while True:
+        try:
+            with open(path, "x") as file:
+                file.write(me + "\n")
+            break
+        except FileExistsError:
+            holder = read_lock(path)
+        if holder is None:  # released while we looked
+            continue
+        host, pid = holder
+        if host != socket.gethostname():
+            raise UserError(f"{folder} is in use by a training run on {host} (process {pid}); "
+                            f"if it has ended, delete {path}, or pass {flag} with another folder")
+        if is_alive(pid):
+            raise UserError(f"{folder} is in use by a training run (process {pid} on this "
+                            f"machine); wait for it to end or pass {flag} with another folder")
+        if read_lock(path) == holder:  # the dead process's lock, still: taken over
+            os.remove(path)
+    atexit.register(unlock_folder, folder, path, me, made)
+    return path
+
+
+def read_lock(path):
+    """(host, pid) of the lock at path, or None if it is gone."""
+    try:
+        with open(path) as file:
+            host, pid = file.read().split()
+    except FileNotFoundError:
+        return None
+    except ValueError:  # cut short: the process died while writing it
+        return socket.gethostname(), 0
+    return host, int(pid)
+
+
+def is_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: whether the process exists, sending nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return pid > 0
+
+
+def unlock_folder(folder, path, me, made):
+    """Remove this process's lock, and the folder if the run made it and left nothing in it."""
+    try:
+        with open(path) as file:
+            mine = file.read().strip() == me
+        if mine:
+            os.remove(path)
+        if made:
+            os.rmdir(folder)  # only if empty: a bad input leaves no folder behind
+    except OSError:
+        pass

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import socket
+import time
 import urllib.parse
 
 import numpy as np
@@ -21,6 +22,11 @@ from vae_model import atomic_write
 DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "vae_pokemon")
 GPU_DATA_SHARE = 0.25  # the most of a GPU's free memory that the training images may take there
 WHITE = (255, 255, 255)
+DECODER_VERSION = 2  # raise it when open_rgb or to_square change: caches made before are not used
+FINGERPRINT_BYTES = 16384  # read from each end of a file to know it: its whole if smaller
+CACHE_UNUSED_DAYS = 30  # a cache not used for this long is removed when another is made
+# PIL raises many types for broken or foreign files; whatever it is, that one file is skipped.
+UNREADABLE = Exception
 
 
 # --- Finding the images -----------------------------------------------------------------------
@@ -100,38 +106,70 @@ def to_model_range(batch_uint8):
     return batch_uint8.float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1], as tanh outputs
 
 
+# --- The images' identity: their names and bytes, wherever the folder lies ---------------------
+def images_key(files, source):
+    """A key of the images: each file's name under the folder `source`, its size and a hash of
+    its first and last FINGERPRINT_BYTES (a Hub image's: all its bytes), and DECODER_VERSION.
+    Moved or copied (cp -r, a cluster's scratch disk) they keep it; an edited image changes it
+    (a PNG's last bytes hold the checksum of all its pixels)."""
+    key = hashlib.sha256(f"decoder {DECODER_VERSION}\n".encode())
+    root = source if os.path.isdir(source) else None
+    for file in files:
+        key.update(hashlib.sha256(file).digest() if isinstance(file, bytes) else
+                   fingerprint(file, root))
+    return key.hexdigest()[:16]
+
+
+def fingerprint(file, root):
+    """The name (relative to root), size, and a hash of the two ends of one file, as bytes."""
+    name = os.path.relpath(file, root) if root else os.path.basename(file)
+    digest = hashlib.sha256(name.replace(os.sep, "/").encode() + b"\0")
+    try:
+        with open(file, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            head = handle.read(FINGERPRINT_BYTES)
+            handle.seek(max(len(head), size - FINGERPRINT_BYTES))
+            digest.update(f"{size}\0".encode() + head + handle.read())
+    except OSError:  # unreadable, a broken link: the cache skips it, and its name still counts
+        digest.update(b"unreadable")
+    return digest.digest()
+
+
 # --- The cache: every image decoded once into a file on disk ----------------------------------
 def cached_images(files, size, fit, source, cache_dir, path=None):
     """All images as uint8 (N, 3, size, size), decoded once into `path`, and memory-mapped."""
-    path = path or cache_path(files, size, fit, source, cache_dir)
+    path = path or cache_path(images_key(files, source), size, fit, source, cache_dir)
+    path = same_images_elsewhere(path)
     try:  # copy-on-write: writable as torch wants, never written
         images = np.load(path, mmap_mode="c")
     except (OSError, ValueError, EOFError):  # none yet, or cut short (numpy checks the size)
         print(f"decoding {counted(len(files), 'file')} once, at {size} px ({fit}), into {path}")
         images = build_cache(files, size, fit, path)
+    used(path)
     skipped = len(files) - len(images)
     print(f"{counted(len(images), 'image')} at {size} px ({fit}) cached in {path}"
           + (f"; skipped {skipped} file(s) that are not readable images" if skipped else ""))
     if len(images) < 2:
-        os.remove(path)  # no cache is left of a folder that cannot be trained on
+        remove(path)  # no cache is left of a folder that cannot be trained on
         raise UserError(f"{source} holds {len(images)} readable image(s) and at least 2 are "
                         "needed; add images or pass another folder")
     return torch.from_numpy(images)
 
 
-def cache_path(files, size, fit, source, cache_dir):
-    """Named by source, size and fit, keyed by each file's path, size and time (or bytes)."""
-    key = hashlib.sha256()
-    for file in files:
-        if isinstance(file, bytes):
-            key.update(file)
-        else:
-            stat = os.stat(file)
-            key.update(f"{os.path.abspath(file)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+def cache_path(key, size, fit, source, cache_dir):
+    """{where the images are}-{size}px-{fit}-{their key}.npy in the cache folder."""
     where = os.path.abspath(source) if os.path.isdir(source) else source
     name = hashlib.sha256(where.encode()).hexdigest()[:12]
-    file_name = f"{name}-{size}px-{fit}-{key.hexdigest()[:16]}.npy"
-    return os.path.join(os.path.expanduser(cache_dir), file_name)
+    return os.path.join(os.path.expanduser(cache_dir), f"{name}-{size}px-{fit}-{key}.npy")
+
+
+def same_images_elsewhere(path):
+    """path, or the cache of the same images made from another folder (a copy of it)."""
+    if os.path.exists(path):
+        return path
+    same = os.path.basename(path).split("-", 1)[1]  # all but where they were
+    made = glob.glob(os.path.join(glob.escape(os.path.dirname(path)), "*-" + same))
+    return made[0] if made else path
 
 
 def build_cache(files, size, fit, path):
@@ -144,7 +182,7 @@ def build_cache(files, size, fit, path):
             try:
                 pixels = square_pixels(io.BytesIO(file) if isinstance(file, bytes) else file,
                                        size, fit)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            except UNREADABLE:
                 continue
             out[count] = pixels.numpy()
             count += 1
@@ -166,9 +204,39 @@ def build_cache(files, size, fit, path):
     except OSError as error:
         raise UserError(f"cannot write the image cache in {folder} ({error.strerror or error}); "
                         "pass --cache-dir with a folder you can write to") from error
-    for old in set(glob.glob(glob.escape(path.rsplit("-", 1)[0]) + "-*")) - {path}:
-        os.remove(old)  # the same folder's cache from before it changed
+    remove_old_caches(path)
     return np.load(path, mmap_mode="c")
+
+
+def remove_old_caches(path):
+    """The rule that keeps the cache folder from growing without bound: a folder's earlier cache
+    at this size goes when its images changed, and any cache unused for CACHE_UNUSED_DAYS goes.
+    Only finished caches (*.npy) are looked at: another run's file being written is never."""
+    earlier = os.path.basename(path).rsplit("-", 1)[0] + "-"
+    too_old = time.time() - CACHE_UNUSED_DAYS * 86400
+    for cache in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), "*.npy")):
+        if cache == path:
+            continue
+        try:
+            if os.path.basename(cache).startswith(earlier) or os.path.getmtime(cache) < too_old:
+                os.remove(cache)
+        except OSError:  # removed by another run meanwhile, or not ours to remove
+            pass
+
+
+def used(path):
+    """Mark the cache as used now (its time), so that the rule above keeps it."""
+    try:
+        os.utime(path)
+    except OSError:  # a cache folder that is read-only is read, never cleaned
+        pass
+
+
+def remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def split(count, fraction, seed):

@@ -5,8 +5,10 @@ Train the VAE of vae_model.py on Pokémon images, then a learned prior over its 
     python train_vae.py --data path/to/folder    # any folder of images, offline
     torchrun --standalone --nproc_per_node 4 train_vae.py   # one model trained by 4 GPUs (DDP)
 
-Read top to bottom: settings, processes, data, an epoch, evaluation and pictures, stage two (the
-prior of latent_prior.py), and train(), which runs them in that order; faults; the command line.
+Read top to bottom: settings, data, an epoch, evaluation and pictures, stage two (the prior of
+latent_prior.py), and train(), which runs them in that order; faults; the command line. What the
+processes under torchrun ask of each other is in distributed.py: every call into it is made by
+all of them, each a statement of its own.
 """
 import argparse
 import json
@@ -15,20 +17,21 @@ import os
 import shlex
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from cli import (HelpWithDefaults, UserError, angle, bf16_is_fast, channel_list, check_writable,
-                 counted, fraction, multiple_of_8, pick_device, positive_float, positive_int,
-                 run_main, steps_or_0, stop_on_signals, unet_width, zero_or_positive)
+import distributed
+from cli import (HelpWithDefaults, Parser, UserError, angle, bf16_is_fast, channel_list,
+                 check_writable, counted, fraction, lock_folder, multiple_of_8, positive_float,
+                 positive_int, run_main, steps_or_0, stop_on_signals, typed_flags, unet_width,
+                 zero_or_positive)
+from distributed import MASTER, RANK, WORLD_SIZE
 from image_data import (DEFAULT_CACHE_DIR, cache_path, cached_images, fetch, image_files,
-                        make_augment, place_images, save_png, split, to_model_range)
+                        images_key, make_augment, place_images, save_png, split, to_model_range)
 from latent_prior import fit_prior, sample_prior
 from vae_model import (VAE, CheckpointError, atomic_write, load_checkpoint, psnr, save_checkpoint,
                        vae_checkpoint, vae_loss)
@@ -64,10 +67,7 @@ RESULTS_DIR = "vae_results"    # grids, metrics.jsonl, loss curve, resumable che
 CACHE_DIR = DEFAULT_CACHE_DIR  # decoded images (~/.cache/vae_pokemon); delete it to free the room
 # -----------------------------------------------------------------------------------------------
 GRID_IMAGES = 8           # validation images shown in each reconstruction grid
-STOP_CHECK = 20           # steps between the checks, under torchrun, that no process was stopped
-# torchrun tells each process its place (a plain `python` run is 0 of 1); rank 0 alone speaks.
-RANK, LOCAL_RANK = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-WORLD_SIZE, MASTER = int(os.environ.get("WORLD_SIZE", 1)), RANK == 0
+STOP_CHECK = 20           # steps between the checks, under torchrun, that no process stopped
 
 
 def settings(args, device):
@@ -98,58 +98,22 @@ def settings(args, device):
     return args
 
 
-# --- Several processes: one model trained by all, under torchrun (as in nanoGPT) -------------
-def start_processes(name):
-    """This process's device; under torchrun, joined to the others: NCCL for GPUs, else gloo."""
-    if WORLD_SIZE == 1:
-        return pick_device(name)
-    if name not in ("auto", "cuda", "cpu"):
-        raise UserError(f"under torchrun each process takes the GPU of its LOCAL_RANK, or the "
-                        f"CPU; pass --device auto, cuda or cpu, not {name}")
-    cuda = name != "cpu" and pick_device(name).type == "cuda"
-    if cuda and LOCAL_RANK >= torch.cuda.device_count():
-        raise UserError(f"torchrun started more processes on this machine than it has GPUs "
-                        f"({torch.cuda.device_count()}); pass --nproc_per_node with at most that")
-    device = torch.device(f"cuda:{LOCAL_RANK}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    # This attempt's keys only: those a lost attempt left in torchrun's store lead to dead peers.
-    attempt = f"attempt {os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
-    store = dist.PrefixStore(attempt, next(dist.rendezvous("env://"))[0])
-    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=RANK,
-                            world_size=WORLD_SIZE)
-    if not MASTER:
-        sys.stdout = open(os.devnull, "w")
-    return device
-
-
-def gathered(value):
-    """Every process's `value`, in rank order (rank 0's machine alone has the run's files)."""
-    values = [value] * WORLD_SIZE
-    if WORLD_SIZE > 1:
-        dist.all_gather_object(values, value)
-    return values
-
-
 # --- The data: decoded once into the cache, split, placed ---------------------------------
 def load_data(args, device):
     """(training images and rows, on a GPU if they fit; validation images, on the device)"""
     files = image_files(args.data)
-    path = cache_path(files, args.image_size, args.fit, args.data, args.cache_dir)
-    # The cache's name keys the images: kept with the settings, a resumed run's must match.
-    if MASTER and vars(args).setdefault("images", os.path.basename(path)) != os.path.basename(path):
-        raise UserError(f"the images in {args.data} changed since this run started; put them back "
-                        "as they were to resume it, or start a new run without --resume")
-    # The first process of each machine decodes the images into its cache (a large folder takes
-    # long: hours are allowed), while the others wait; then they all read that file.
-    waiting = WORLD_SIZE > 1 and dist.new_group(backend="gloo", timeout=timedelta(hours=5))
-    if waiting and LOCAL_RANK > 0:
-        dist.barrier(waiting)
-    images = cached_images(files, args.image_size, args.fit, args.data, args.cache_dir, path)
-    if waiting and LOCAL_RANK == 0:
-        dist.barrier(waiting)
-    if MASTER:  # only now, so that a bad input changes no file
-        os.makedirs(args.results_dir, exist_ok=True)
+    # A run knows its images by their names in the folder and their bytes, not by where the
+    # folder lies: a copy on a cluster's scratch disk is the same run.
+    key = images_key(files, args.data)
+    if str(vars(args).get("images")).endswith(".npy"):  # a run of a version that knew them by place
+        args.images = key
+    if vars(args).setdefault("images", key) != key:
+        raise UserError(f"the images in {args.data} are not those this run started with; pass "
+                        "--data with the folder that holds them, or put them back as they were, "
+                        "to resume it, or start a new run without --resume")
+    path = cache_path(key, args.image_size, args.fit, args.data, args.cache_dir)
+    images = distributed.machine_first(
+        lambda: cached_images(files, args.image_size, args.fit, args.data, args.cache_dir, path))
     torch.manual_seed(args.seed)
     train_rows, val_rows = split(len(images), args.val_fraction, args.seed)
     print(f"{len(train_rows)} training and {len(val_rows)} validation images from {args.data}")
@@ -161,18 +125,29 @@ def load_data(args, device):
 
 
 # --- One epoch of training --------------------------------------------------------------------
-def train_one_epoch(model, images, index, augment, optimizer, scheduler, scaler, shuffle, args,
-                    device, epoch, stop=()):
-    """A shuffled pass over this process's share of images[index]: the mean MSE and KL per image."""
+def my_share(index, shuffle):
+    """This process's share of the epoch's shuffled order of index: every WORLD_SIZE-th image
+    from its RANK, the same count for all (DistributedSampler); one process takes it all."""
     order = torch.randperm(len(index), generator=shuffle)  # the same in every process
-    # This process's share, equal for all: every WORLD_SIZE-th from its RANK (DistributedSampler).
     mine = order[list(DistributedSampler(order, WORLD_SIZE, RANK, shuffle=False))]
-    batches = index[mine.to(index.device)].split(args.batch_size)
+    return index[mine.to(index.device)]
+
+
+def train_one_epoch(model, images, index, epoch, *, optimizer, scheduler, scaler, augment,
+                    shuffle, args, device, stop=()):
+    """A shuffled pass over this process's share of images[index]: the mean MSE and KL per
+    image, averaged over the processes; None when the processes agreed to stop within it."""
+    model.train()
+    batches = my_share(index, shuffle).split(args.batch_size)
     sums = torch.zeros(2, device=device)  # read once at the end: an .item() a step waits for GPU
-    for step, pick in enumerate(tqdm(batches, f"epoch {epoch}/{args.epochs}", leave=False,
-                                     disable=not MASTER)):
-        if WORLD_SIZE > 1 and step % STOP_CHECK == 0 and any(gathered(bool(stop))):
-            return None  # torchrun kills its workers 30 s after Ctrl-C: no time to end the epoch
+    progress = tqdm(batches, f"epoch {epoch}/{args.epochs}", leave=False, disable=not MASTER)
+    for step, pick in enumerate(progress):
+        # torchrun kills its workers 30 s after Ctrl-C: no time to end the epoch. (One process
+        # ends it, and the check is made at the epoch's end.)
+        if WORLD_SIZE > 1 and step % STOP_CHECK == 0:
+            verdict = distributed.agree(stopped=bool(stop))
+            if verdict != distributed.GOING:
+                return None
         x = to_model_range(augment(fetch(images, pick, device)))
         x = x.contiguous(memory_format=torch.channels_last)
         # bfloat16 keeps float32's range; float16's small one needs the loss scaled (scaler).
@@ -185,8 +160,8 @@ def train_one_epoch(model, images, index, augment, optimizer, scheduler, scaler,
         scaler.update()
         scheduler.step()
         sums += torch.stack([mse.detach(), kl.detach()])
-    per_process = torch.stack(gathered(sums.cpu()))  # under torchrun: the mean of the processes'
-    return (per_process.mean(0) / len(batches)).tolist()
+    means = distributed.mean_over_processes(sums.cpu() / len(batches))
+    return means.tolist()
 
 
 # --- Evaluation and pictures ------------------------------------------------------------------
@@ -282,19 +257,27 @@ def stage_two(model, images, index, args, device, stop, noise):
 # --- The run: the pieces above, in the order the data meets them ------------------------------
 def train(args):
     """Train the VAE, then its prior; returns the exit status (130 after Ctrl-C)."""
-    device = start_processes(args.device)
+    typed = vars(args).pop("typed", set())
+    device = distributed.join(args.device)
     checkpoint_path = os.path.join(args.results_dir, "checkpoint.pth")
     # Restarted by torchrun (--max-restarts) after a lost worker: on from the last checkpoint.
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
-        args.resume = args.resume or gathered(os.path.isfile(checkpoint_path))[0]
-    args, resumed = resume_settings(args, checkpoint_path) if args.resume else (args, None)
+        saved = distributed.from_rank0(os.path.isfile(checkpoint_path))
+        args.resume = args.resume or saved
+    resumed = None
+    if args.resume:
+        args, resumed = resume_settings(args, typed, checkpoint_path)
     args = settings(args, device)
-    if resumed and gathered(MASTER and finished(args, resumed))[0]:
-        print(f"the run in {args.results_dir} is finished, its model in {args.out}: nothing left "
-              "to do (new prior flags would train its prior again)")
-        return 0
+    if resumed:
+        done = distributed.from_rank0(MASTER and finished(args, resumed))
+        if done:
+            print(f"the run in {args.results_dir} is finished, its model in {args.out}: nothing "
+                  "left to do (new prior flags would train its prior again)")
+            return 0
     check_writable(args.out, "--out")
     check_writable(checkpoint_path, "--results-dir")
+    if MASTER:  # one run writes in a results folder: two would mix their files
+        lock_folder(args.results_dir, "--results-dir")
     images, train_rows, val_images = load_data(args, device)
     model = VAE(args.image_size, args.latent_channels, args.channels, args.fit)
     model = model.to(device, memory_format=torch.channels_last)  # NHWC: cuDNN's, oneDNN's choice
@@ -304,19 +287,16 @@ def train(args):
     steps = args.epochs * math.ceil(math.ceil(len(train_rows) / WORLD_SIZE) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, steps,
                                                     pct_start=args.warmup)
-    # float16 overflows above 65504. The loss is summed over every pixel, so GradScaler's default
-    # first scale, 2^16, overflows for a dozen steps; it settles at 2^17 / pixels (measured).
-    scaler = torch.amp.GradScaler(device.type, 2.0 ** 17 / args.image_size ** 2,
+    # float16 overflows above 65504: the scaler multiplies the loss into its range, skipping
+    # the steps whose gradients overflow while it finds its scale (a dozen at the start here,
+    # where the loss is summed over every pixel).
+    scaler = torch.amp.GradScaler(device.type,
                                   enabled=args.use_amp and args.amp_dtype == "float16")
     shuffle = torch.Generator().manual_seed(args.seed)
     saved_epoch, metrics = 0, []
     if resumed:  # everything that changes during training, so that the run goes on exactly
-        for part, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")):
-            part.load_state_dict(resumed[key])
-        scaler.load_state_dict(resumed.get("scaler") or scaler.state_dict())
-        shuffle.set_state(resumed["shuffle_state"])
-        torch.set_rng_state(resumed.get("rng_states", [resumed.get("rng_state")])[RANK])
-        saved_epoch, metrics = resumed["epoch"], resumed["metrics"]
+        saved_epoch, metrics = restore(resumed, model, optimizer, scheduler, scaler, shuffle,
+                                       device)
         print(f"resuming after epoch {saved_epoch} of {args.epochs} from {checkpoint_path}")
     step_model = torch.compile(model) if args.compile else model  # the same weights, compiled
     if WORLD_SIZE > 1:  # DDP averages the gradients over the processes as backward makes them
@@ -333,41 +313,59 @@ def train(args):
     for epoch in range(saved_epoch + 1, args.epochs + 1):
         # Train: one shuffled pass over the training images, augmented, timed alone.
         tick = time.perf_counter()
-        losses = train_one_epoch(step_model, images, train_rows, augment, optimizer, scheduler,
-                                 scaler, shuffle, args, device, epoch, stop)
-        seconds, states = time.perf_counter() - tick, gathered(torch.get_rng_state())
-        if MASTER and losses:  # one process evaluates, reports and saves; the others go on
-            # Evaluate: the validation images, never augmented, reconstructed from mu.
-            row = {"epoch": epoch, "train_mse": losses[0], "train_kl": losses[1],
-                   **evaluate(model, val_images, device, args.kl_weight),
-                   "images_per_s": len(train_rows) / seconds,
-                   "elapsed_s": time.perf_counter() - started}
-            check_finite(row, model, args, epoch)
-            # Report: a line here, a row in metrics.jsonl, the grids every --save-every epochs.
-            metrics.append(row)
-            print(f"epoch {epoch:3d}/{args.epochs}  train mse {row['train_mse']:8.1f}  kl "
-                  f"{row['train_kl']:7.1f}  val loss {row['val_loss']:8.1f}  val psnr "
-                  f"{row['val_psnr']:5.2f} dB  {row['images_per_s']:5.1f} img/s")
-            write_metrics(metrics, args.results_dir)
-            if epoch % args.save_every == 0 or epoch == args.epochs:
-                save_pictures(model, val_images[:GRID_IMAGES], noise, epoch, args.results_dir)
-            # Save: everything needed to continue exactly here after a crash or Ctrl-C.
-            save_checkpoint({**vae_checkpoint(model), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                             "epoch": epoch, "metrics": metrics, "world_size": WORLD_SIZE,
-                             "shuffle_state": shuffle.get_state(), "rng_states": states,
-                             "args": vars(args)}, checkpoint_path)
-        if losses is None or any(gathered(bool(stop))):  # all processes stop at the same step
-            done = epoch if losses else epoch - 1  # None: stopped within the epoch (torchrun)
-            saved = "epoch 1 is" if done == 1 else f"epochs 1-{done} are"
-            go_on = f"{saved} saved in {checkpoint_path}: continue with `{resume_command(args)}`"
-            if MASTER:
-                print(f"interrupted after epoch {done}; " + (go_on if done else "start it again"),
-                      file=sys.stderr)
+        losses = train_one_epoch(step_model, images, train_rows, epoch, optimizer=optimizer,
+                                 scheduler=scheduler, scaler=scaler, augment=augment,
+                                 shuffle=shuffle, args=args, device=device, stop=stop)
+        seconds = time.perf_counter() - tick
+        rng_states = distributed.rng_states(device)
+        failure = None
+        if MASTER and losses is not None:  # one process evaluates, reports and saves
+            try:
+                # Evaluate: the validation images, never augmented, reconstructed from mu.
+                row = {"epoch": epoch, "train_mse": losses[0], "train_kl": losses[1],
+                       **evaluate(model, val_images, device, args.kl_weight),
+                       "images_per_s": len(train_rows) / seconds,
+                       "elapsed_s": time.perf_counter() - started}
+                check_finite(row, model, args, epoch)
+                # Report: a line here, a row in metrics.jsonl, the grids every --save-every.
+                metrics.append(row)
+                report(row, metrics, model, val_images, noise, args)
+                # Save: everything needed to continue exactly here after a crash or Ctrl-C.
+                save_checkpoint({**vae_checkpoint(model), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(),
+                                 "scaler": scaler.state_dict(), "epoch": epoch,
+                                 "metrics": metrics, "world_size": WORLD_SIZE,
+                                 "shuffle_state": shuffle.get_state(),
+                                 "rng_states": rng_states, "args": vars(args)}, checkpoint_path)
+            except Exception as error:  # the others learn of it here, and end too
+                failure = error
+        verdict = distributed.agree(stopped=bool(stop), failure=failure)
+        if failure is not None:
+            raise failure
+        if verdict == distributed.FAILED:
+            raise distributed.FailedElsewhere()
+        if losses is None or verdict == distributed.STOPPED:  # all stop at the same step
+            say_interrupted(epoch if losses else epoch - 1, checkpoint_path, args)
             return 130
 
-    if not MASTER:  # rank 0 alone trains the prior (small: one GPU's work) and saves the model
-        return 0
+    status = 0
+    if MASTER:  # rank 0 alone trains the prior (small: one GPU's work) and saves the model
+        status = finish(model, images, train_rows, metrics, args, device, stop, noise)
+    status = distributed.wait_for_rank0(status)
+    return status
+
+
+def report(row, metrics, model, val_images, noise, args):
+    print(f"epoch {row['epoch']:3d}/{args.epochs}  train mse {row['train_mse']:8.1f}  kl "
+          f"{row['train_kl']:7.1f}  val loss {row['val_loss']:8.1f}  val psnr "
+          f"{row['val_psnr']:5.2f} dB  {row['images_per_s']:5.1f} img/s")
+    write_metrics(metrics, args.results_dir)
+    if row["epoch"] % args.save_every == 0 or row["epoch"] == args.epochs:
+        save_pictures(model, val_images[:GRID_IMAGES], noise, row["epoch"], args.results_dir)
+
+
+def finish(model, images, train_rows, metrics, args, device, stop, noise):
+    """Rank 0's work after the last epoch: the VAE saved, then stage two; the exit status."""
     plot_loss_curve(metrics, args.results_dir)
     save_checkpoint(vae_checkpoint(model), args.out)  # first: Ctrl-C in stage two costs no VAE
     print(f"VAE done in {metrics[-1]['elapsed_s'] / 60:.1f} min: val PSNR "
@@ -391,29 +389,57 @@ def check_finite(row, model, args, epoch):
                     f"the checkpoint of epoch {epoch - 1} is kept in {args.results_dir}")
 
 
-def resume_settings(args, checkpoint_path):
-    """(settings, checkpoint) to resume; only device, folders, --out, prior flags may change."""
-    try:
-        checkpoint = gathered(load_checkpoint(checkpoint_path) if MASTER else None)[0]
-    except (FileNotFoundError, CheckpointError):
+# Where and how a resumed run goes on may change; what it trains may not. Its prior may: new prior
+# flags train the prior again. The others keep the run's values unless typed.
+FROM_COMMAND_LINE = ("device", "results_dir", "cache_dir", "resume")
+TYPED_OR_THE_RUNS = ("out", "data")
+
+
+def resume_settings(args, typed, checkpoint_path):
+    """(settings, checkpoint) to resume: the run's, with what may change taken from the flags
+    typed (`typed`, their names); a typed value that differs where nothing may is refused."""
+    checkpoint = None
+    if MASTER:
+        checkpoint = resumable(checkpoint_path)
+    checkpoint = distributed.from_rank0(checkpoint)
+    if checkpoint is None:
         raise UserError(f"there is no resumable checkpoint at {checkpoint_path}; "
-                        "start a new run without --resume") from None
+                        "start a new run without --resume")
     if checkpoint.get("world_size", 1) != WORLD_SIZE:  # each process's share and random draws
         raise UserError(f"this run was trained by {checkpoint.get('world_size', 1)} process(es); "
                         f"resume it with as many, not {WORLD_SIZE}, or start a new run")
-    defaults = vars(parse_args([]))
-    given = {key: value for key, value in vars(args).items() if value != defaults[key]}
-    fresh = {k: v for k, v in given.items() if k == "out" or k.startswith("prior_")}
-    fresh.update(device=args.device, resume=True, results_dir=args.results_dir,
-                 cache_dir=args.cache_dir)
-    ignored = [f"--{key.replace('_', '-')}" for key in sorted(given.keys() - fresh.keys())
-               if given[key] != checkpoint["args"].get(key, given[key])]
-    if ignored:
+    run, given = checkpoint["args"], vars(args)
+    prior = [key for key in typed if key.startswith("prior_")]
+    kept = set(typed) - set(prior) - set(FROM_COMMAND_LINE) - set(TYPED_OR_THE_RUNS)
+    refused = sorted(f"--{key.replace('_', '-')} {given[key]}" for key in kept
+                     if key in run and given[key] != run[key])
+    if refused:
         raise UserError(f"a resumed run keeps the settings it started with; drop "
-                        f"{', '.join(ignored)}, or start a new run without --resume")
-    args = argparse.Namespace(**{**vars(args), **checkpoint["args"], **fresh})
-    args.new_prior = any(key.startswith("prior_") for key in fresh)
-    return args, checkpoint
+                        f"{', '.join(refused)}, or start a new run without --resume")
+    fresh = {key: given[key] for key in FROM_COMMAND_LINE}
+    fresh.update({key: given[key] for key in typed if key in TYPED_OR_THE_RUNS or key in prior})
+    fresh["new_prior"] = any(given[key] != run.get(key) for key in prior)
+    return argparse.Namespace(**{**given, **run, **fresh}), checkpoint
+
+
+def resumable(checkpoint_path):
+    """The training checkpoint at checkpoint_path, or None where there is none to resume."""
+    try:
+        checkpoint = load_checkpoint(checkpoint_path)
+    except (FileNotFoundError, CheckpointError):
+        return None
+    return checkpoint if "args" in checkpoint else None  # a final model has no training state
+
+
+def restore(checkpoint, model, optimizer, scheduler, scaler, shuffle, device):
+    """Everything that changes during training as it was saved: (epoch, metrics)."""
+    for part, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")):
+        part.load_state_dict(checkpoint[key])
+    scaler.load_state_dict(checkpoint.get("scaler") or scaler.state_dict())
+    shuffle.set_state(checkpoint["shuffle_state"])
+    states = checkpoint.get("rng_states", [checkpoint.get("rng_state")])
+    distributed.set_rng_state(states[RANK], device)
+    return checkpoint["epoch"], checkpoint["metrics"]
 
 
 def finished(args, checkpoint):
@@ -426,6 +452,14 @@ def finished(args, checkpoint):
     return done and (args.prior_steps == 0 or prior is not None and not args.new_prior)
 
 
+def say_interrupted(done, checkpoint_path, args):
+    saved = "epoch 1 is" if done == 1 else f"epochs 1-{done} are"
+    go_on = f"{saved} saved in {checkpoint_path}: continue with `{resume_command(args)}`"
+    if MASTER:
+        print(f"interrupted after epoch {done}; " + (go_on if done else "start it again"),
+              file=sys.stderr)
+
+
 def resume_command(args):
     where = f" --results-dir {shlex.quote(args.results_dir)}"
     start = "python" if WORLD_SIZE == 1 else "torchrun [the same options]"
@@ -434,8 +468,8 @@ def resume_command(args):
 
 # --- Command line: every setting above has a flag, and the constant is its default ------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a convolutional VAE on Pokémon images, then a "
-                                "learned prior.", formatter_class=HelpWithDefaults)
+    p = Parser(description="Train a convolutional VAE on Pokémon images, then a learned prior.",
+               formatter_class=HelpWithDefaults)
     add = p.add_argument
     by_gpu = "{}; default {} with a CUDA GPU, {} without".format
     add("--data", default=DATASET, help="Hub data set name or local image folder")
@@ -465,15 +499,20 @@ def parse_args(argv=None):
     add("--results-dir", default=RESULTS_DIR, help="grids, metrics, loss curve, checkpoint.pth")
     add("--cache-dir", default=CACHE_DIR, help="where the decoded images are kept between runs")
     add("--resume", action="store_true", help="continue the run saved in --results-dir")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.typed = typed_flags(p, argv)  # on --resume, what the user typed is compared, not defaults
+    return args
 
 
 def main():
     try:
-        return train(parse_args())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        status = train(parse_args())
+    except Exception as error:
+        if not distributed.speaks(error):
+            sys.exit(2)  # another process failed, and said why
+        raise
+    distributed.leave()
+    return status
 
 
 if __name__ == "__main__":

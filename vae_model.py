@@ -7,6 +7,7 @@ helpers. Torch only; the learned prior that draws new images lives in latent_pri
 """
 import math
 import os
+import socket
 
 import torch
 import torch.nn as nn
@@ -168,7 +169,8 @@ def vae_checkpoint(model, prior=None, guide=None):
 def atomic_write(path, write):
     """write(tmp) beside `path`, then an atomic rename: a crash mid-write leaves the old file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    # Named by machine and process: several runs (on machines sharing a disk) may write at once.
+    tmp = f"{path}.{socket.gethostname()}-{os.getpid()}.tmp"
     try:
         write(tmp)
         os.replace(tmp, path)

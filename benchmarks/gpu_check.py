@@ -82,8 +82,9 @@ def train_for(seconds, images, size, batch_size, device, log):
     while epoch < 2 or time.perf_counter() - started < seconds:
         epoch += 1
         tick = time.perf_counter()
-        mse, kl = train_vae.train_one_epoch(model, images, train_rows, augment, optimizer, scheduler, scaler,
-                                            shuffle, args, device, epoch)  # .tolist() at its end waits for the GPU
+        mse, kl = train_vae.train_one_epoch(model, images, train_rows, epoch, optimizer=optimizer,
+                                            scheduler=scheduler, scaler=scaler, augment=augment,
+                                            shuffle=shuffle, args=args, device=device)  # .tolist() at its end waits for the GPU
         if epoch > 1:
             timed, counted = timed + time.perf_counter() - tick, counted + len(train_rows)
     tick = time.perf_counter()

@@ -126,8 +126,9 @@ def test_an_epoch_indexes_every_training_image_once_in_the_seeded_order():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_vae.train_one_epoch(model, images, index, lambda batch: batch, optimizer, scheduler, scaler,
-                              torch.Generator().manual_seed(5), args, torch.device("cpu"), 1)
+    train_vae.train_one_epoch(model, images, index, 1, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                              augment=lambda batch: batch, shuffle=torch.Generator().manual_seed(5), args=args,
+                              device=torch.device("cpu"))
     seen = [batch[:, 0, 0, 0].add(1).mul(127.5).round().long().tolist() for batch in model.batches]
     order = torch.randperm(7, generator=torch.Generator().manual_seed(5))
     assert seen == [index[pick].tolist() for pick in order.split(3)]
@@ -202,10 +203,10 @@ def interrupt_in_epoch(monkeypatch, epoch_to_stop):
     """Ctrl-C (a real SIGINT to this process) in the middle of one epoch, at a known epoch."""
     real = train_vae.train_one_epoch
 
-    def epoch_with_ctrl_c(*args):
-        if args[-2] == epoch_to_stop:
+    def epoch_with_ctrl_c(model, images, index, epoch, **state):
+        if epoch == epoch_to_stop:
             os.kill(os.getpid(), signal.SIGINT)
-        return real(*args)
+        return real(model, images, index, epoch, **state)
     monkeypatch.setattr(train_vae, "train_one_epoch", epoch_with_ctrl_c)
 
 
@@ -286,12 +287,12 @@ def test_a_non_finite_loss_or_weight_in_epoch_3_keeps_the_checkpoint_of_epoch_2(
     """Each check on its own: the other numbers of epoch 3 are made to look fine."""
     real_epoch, real_evaluate, epochs, last_good = train_vae.train_one_epoch, train_vae.evaluate, [], {}
 
-    def epoch_that_diverges(model, *args):
-        mse, kl = real_epoch(model, *args)
-        epochs.append(args[-2])
-        if args[-2] == 3 and what == "weights":
+    def epoch_that_diverges(model, images, index, epoch, **state):
+        mse, kl = real_epoch(model, images, index, epoch, **state)
+        epochs.append(epoch)
+        if epoch == 3 and what == "weights":
             next(model.parameters()).data[0] = float("nan")
-        return (float("nan") if args[-2] == 3 and what == "train loss" else mse), kl
+        return (float("nan") if epoch == 3 and what == "train loss" else mse), kl
 
     def evaluation_that_looks_fine(*args):
         if epochs[-1] != 3:
