@@ -1,7 +1,7 @@
 """What the command lines of train_vae.py and sample_vae.py share: the one-sentence error a user
 can fix, checked flag values, the device and its precision, writable outputs, a clean stop."""
 import argparse
-import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -159,10 +159,15 @@ def check_writable(path, flag):
 LOCK_NAME = ".lock"  # in a results folder: "host pid" of the run writing there
 
 
-def lock_folder(folder, flag):
-    """Hold `folder` for this process until it ends: a second run writing there would mix its
+@contextlib.contextmanager
+def folder_lock(folder, flag, hold=True):
+    """Hold `folder` for this process within the `with`: a second run writing there would mix its
     files with this one's. A lock left by a process that died on this machine is taken over;
-    one from another machine is honoured, since its process cannot be checked from here."""
+    one from another machine is honoured, since its process cannot be checked from here.
+    hold=False (under torchrun, the processes other than rank 0) holds nothing."""
+    if not hold:
+        yield None
+        return
     path, me = os.path.join(folder, LOCK_NAME), f"{socket.gethostname()} {os.getpid()}"
     made = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
@@ -184,8 +189,10 @@ def lock_folder(folder, flag):
                             f"machine); wait for it to end or pass {flag} with another folder")
         if read_lock(path) == holder:  # the dead process's lock, still: taken over
             os.remove(path)
-    atexit.register(unlock_folder, folder, path, me, made)
-    return path
+    try:
+        yield path
+    finally:
+        unlock_folder(folder, path, me, made)
 
 
 def read_lock(path):

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -22,12 +23,12 @@ RUN = ("--epochs", 6, "--image-size", 32, "--batch-size", 2, "--save-every", 100
        "--device", "cpu", "--seed", 1)
 
 
-def torchrun(*args, nproc=2, cwd=None, wait=True, torchrun_flags=()):
+def torchrun(*args, nproc=2, cwd=None, wait=True, torchrun_flags=(), env=None):
     """torchrun with `nproc` processes of one thread each on train_vae.py (or another script)."""
     script = args[0] if str(args[0]).endswith(".py") else os.path.join(ROOT, "train_vae.py")
     args = args[1:] if script == args[0] else args
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-           "HF_HOME": HF_HOME, "XDG_CACHE_HOME": CACHE_HOME, "MPLBACKEND": "Agg"}
+           "HF_HOME": HF_HOME, "XDG_CACHE_HOME": CACHE_HOME, "MPLBACKEND": "Agg", **(env or {})}
     # --standalone: a free port of its own (the default 29500 would join runs of other tests).
     standalone = [] if "--nnodes" in torchrun_flags else ["--standalone"]
     command = [sys.executable, "-m", "torch.distributed.run", *standalone, "--nproc_per_node", str(nproc),
@@ -231,3 +232,49 @@ def test_compile_under_torchrun_trains_and_saves_the_plain_model(tmp_path, image
     state = torch.load(tmp_path / "m.pth", weights_only=True)["model"]
     assert not any(key.startswith(("_orig_mod", "module")) for key in state)  # the unwrapped model's names
     assert load_vae(tmp_path / "m.pth").image_size == 32
+
+
+# ------------------------------------------------------------------ a failure anywhere ends the run, said once
+FAULTY = os.path.join(ROOT, "tests", "faulty_run.py")
+
+
+def worker_tracebacks(stderr):
+    """The workers' tracebacks (torchrun's own report, after them, has one of its own)."""
+    return stderr.count('train_vae.py", line') + stderr.count('distributed.py", line')
+
+
+@pytest.mark.parametrize("flags, sentence", [
+    (("--data", "/nowhere/pokemon"), "error: the data folder /nowhere/pokemon does not exist"),
+    (("--epochs", "0"), "error: argument --epochs: must be a positive whole number")])
+def test_a_bad_folder_or_flag_is_said_once_under_torchrun(tmp_path, flags, sentence):
+    result = torchrun(*RUN, "--results-dir", tmp_path / "r", "--out", tmp_path / "m.pth", *flags)
+    assert result.returncode != 0
+    assert result.stderr.count(sentence) == 1, result.stderr[-3000:]
+    assert result.stderr.count("error:") == 1 and worker_tracebacks(result.stderr) == 0, result.stderr[-3000:]
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_folder_missing_for_one_process_only_is_said_by_that_process(tmp_path, image_folder):
+    result = torchrun(FAULTY, "--data", image_folder, *RUN, "--results-dir", tmp_path / "r",
+                      "--out", tmp_path / "m.pth", env={"FAULT": "no-data-on-rank-1"})
+    assert result.returncode != 0
+    assert result.stderr.count("error: the data folder /nowhere/pokemon does not exist") == 1, result.stderr[-3000:]
+    assert result.stderr.count("error:") == 1 and worker_tracebacks(result.stderr) == 0, result.stderr[-3000:]
+    assert "rank      : 1 (local_rank: 1)" in result.stderr  # torchrun's report names the one that failed
+
+
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_a_divergence_on_rank_0_ends_every_process_at_once_and_is_never_trained_again(tmp_path, image_folder,
+                                                                                     restarts):
+    """Rank 1 is waiting for rank 0 when rank 0's check fails: it learns of it there and ends
+    (1,000 epochs would take minutes); a restart by torchrun stops at once, training nothing."""
+    started = time.monotonic()
+    result = torchrun(FAULTY, "--data", image_folder, "--epochs", 1000, *RUN[2:], "--results-dir", tmp_path / "r",
+                      "--out", tmp_path / "m.pth", env={"FAULT": "diverge-on-rank-0"},
+                      torchrun_flags=("--max-restarts", str(restarts)))
+    assert time.monotonic() - started < 60
+    assert result.returncode != 0
+    assert result.stderr.count("error: training diverged in epoch 2") == 1, result.stderr[-3000:]
+    assert worker_tracebacks(result.stderr) == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch   1/1000") == 1  # trained once, whatever the restarts
+    assert torch.load(tmp_path / "r" / "checkpoint.pth", weights_only=True)["epoch"] == 1

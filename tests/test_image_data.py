@@ -3,6 +3,9 @@ RGB on white and upright, making it square, the decode-once cache, augmentation,
 training images live."""
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 import image_data
 import sample_vae
-from conftest import blob_image, make_folder
+from conftest import ROOT, blob_image, make_folder
 from image_data import cached_images, image_files, make_augment, open_rgb, place_images, to_square
 from vae_model import VAE
 
@@ -55,7 +58,7 @@ def test_a_changed_folder_is_noticed_and_its_cache_rebuilt(tmp_path, decodes):
     cached(folder, tmp_path / "cache")
     changes = [lambda: make_folder(tmp_path / "images", count=5),  # a file added
                lambda: os.remove(os.path.join(folder, "blob_00.png")),  # one removed
-               lambda: os.utime(os.path.join(folder, "blob_01.png"), ns=(0, 123456789))]  # one touched
+               lambda: blob_image(99).save(os.path.join(folder, "blob_01.png"))]  # one edited
     for change, count in zip(changes, (5, 4, 4)):
         before = len(decodes)
         change()
@@ -296,13 +299,122 @@ class FakeImages:
 @pytest.mark.parametrize("free_gb, moved", [(0.4, True), (0.39, False)])
 def test_the_training_images_go_to_the_gpu_where_they_fit_in_its_share_of_free_memory(monkeypatch, free_gb, moved):
     images, rows = FakeImages(), torch.arange(1000)[:100]
+    monkeypatch.setattr(image_data, "GPU_DATA_SHARE", 0.25)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gb * 1e9, 80e9))
     monkeypatch.setattr(torch, "cat", lambda chunks: chunks)
     monkeypatch.setattr(torch, "arange", lambda n, device: (n, str(device)))
     placed = place_images(images, rows, torch.device("cuda"))
-    assert image_data.GPU_DATA_SHARE == 0.25
     if moved:  # copied there, and renumbered
         assert placed == (["a chunk on cuda"], (100, "cuda"))
     else:
         assert placed[0] is images and placed[1] is rows
     assert place_images(images, rows, torch.device("cpu"))[0] is images
+
+
+# ------------------------------------------------------------------ the images' identity, caches on shared disks
+def copy_without_times(folder, to):
+    """cp -r without -p: the same bytes, new modification times."""
+    shutil.copytree(folder, to, copy_function=shutil.copyfile)
+    return str(to)
+
+
+def test_the_same_images_elsewhere_have_the_same_key_and_share_the_cache(tmp_path, decodes):
+    folder = make_folder(tmp_path / "images", count=4)
+    time.sleep(0.01)  # the copies' times differ from the originals'
+    copy = copy_without_times(folder, tmp_path / "scratch" / "copy")
+    assert os.path.getmtime(os.path.join(copy, "blob_00.png")) != os.path.getmtime(os.path.join(folder, "blob_00.png"))
+    assert image_data.images_key(image_files(copy), copy) == image_data.images_key(image_files(folder), folder)
+    first = cached(folder, tmp_path / "cache")
+    assert torch.equal(cached(copy, tmp_path / "cache"), first) and len(decodes) == 4  # not decoded again
+
+
+@pytest.mark.parametrize("change", ["edited", "renamed", "a byte in the middle of a large file"])
+def test_other_images_have_another_key(tmp_path, change, monkeypatch):
+    folder = make_folder(tmp_path / "images", count=3)
+    key = image_data.images_key(image_files(folder), folder)
+    if change == "edited":
+        blob_image(99).save(os.path.join(folder, "blob_01.png"))
+    elif change == "renamed":
+        os.rename(os.path.join(folder, "blob_01.png"), os.path.join(folder, "blob_09.png"))
+    else:  # the fingerprint reads the two ends only: a file read whole (small) has every byte counted
+        monkeypatch.setattr(image_data, "FINGERPRINT_BYTES", 10**6)
+        key = image_data.images_key(image_files(folder), folder)
+        path = os.path.join(folder, "blob_01.png")
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 1
+        open(path, "wb").write(bytes(data))
+    assert image_data.images_key(image_files(folder), folder) != key
+
+
+def test_a_new_decoder_version_decodes_the_images_again(tmp_path, decodes, monkeypatch):
+    folder = make_folder(tmp_path / "images", count=3)
+    cached(folder, tmp_path / "cache")
+    monkeypatch.setattr(image_data, "DECODER_VERSION", image_data.DECODER_VERSION + 1)
+    cached(folder, tmp_path / "cache")
+    assert len(decodes) == 6 and len(os.listdir(tmp_path / "cache")) == 1  # the stale cache replaced
+
+
+def test_caches_unused_for_weeks_are_removed_and_recent_ones_kept(tmp_path):
+    cached(make_folder(tmp_path / "old", count=2), tmp_path / "cache")
+    [old] = os.listdir(tmp_path / "cache")
+    weeks_ago = time.time() - (image_data.CACHE_UNUSED_DAYS + 1) * 86400
+    os.utime(tmp_path / "cache" / old, (weeks_ago, weeks_ago))
+    cached(make_folder(tmp_path / "recent", count=2), tmp_path / "cache")
+    [recent] = set(os.listdir(tmp_path / "cache")) - {old}
+    cached(make_folder(tmp_path / "new", count=2), tmp_path / "cache")
+    left = set(os.listdir(tmp_path / "cache"))
+    assert old not in left and recent in left and len(left) == 2
+
+
+def test_a_used_cache_is_kept_however_old_it_was(tmp_path):
+    folder = make_folder(tmp_path / "images", count=2)
+    cached(folder, tmp_path / "cache")
+    [name] = os.listdir(tmp_path / "cache")
+    weeks_ago = time.time() - (image_data.CACHE_UNUSED_DAYS + 1) * 86400
+    os.utime(tmp_path / "cache" / name, (weeks_ago, weeks_ago))
+    cached(folder, tmp_path / "cache")  # used again: its time is now
+    cached(make_folder(tmp_path / "other", count=2), tmp_path / "cache")
+    assert name in os.listdir(tmp_path / "cache")
+
+
+BUILDER = """
+import sys, time
+import image_data
+real = image_data.square_pixels
+def slow(*args):  # 40 ms an image, so that the two runs decode at the same time
+    time.sleep(0.04)
+    return real(*args)
+image_data.square_pixels = slow
+images = image_data.cached_images(image_data.image_files(sys.argv[1]), 32, "pad", sys.argv[1], sys.argv[2])
+print("built", len(images))
+"""
+
+
+def test_runs_that_decode_the_same_folder_at_once_all_succeed(tmp_path):
+    """Two processes (as a sweep's, or two machines' sharing a home folder) decode into one cache
+    folder at the same time: neither removes the other's file while it is written."""
+    folder = make_folder(tmp_path / "images", count=25)
+    (tmp_path / "images" / "broken.png").write_bytes(b"not an image")  # the .part file too
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen([sys.executable, "-c", BUILDER, folder, str(tmp_path / "cache")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for run in runs:
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0 and "built 25" in out, err[-2000:]
+    assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_the_cache_skips_what_sample_vae_refuses(tmp_path, monkeypatch, capsys):
+    """Both catch image_data.UNREADABLE: an error of any type that PIL raises for an odd file."""
+    folder = make_folder(tmp_path / "images", count=3)
+    odd = os.path.join(folder, "blob_01.png")
+    real = image_data.open_rgb
+
+    def open_rgb(file):
+        if file == odd:
+            raise ZeroDivisionError("a header that divides by zero")
+        return real(file)
+    monkeypatch.setattr(image_data, "open_rgb", open_rgb)
+    assert len(cached(folder, tmp_path / "cache")) == 2
+    with pytest.raises(image_data.UserError, match="is not a readable image \\(ZeroDivisionError\\)"):
+        sample_vae.load_image(odd, VAE(32, 2, (8, 8, 8)))
