@@ -29,9 +29,10 @@ WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))  # how many processes train th
 MASTER = RANK == 0                                  # rank 0 alone evaluates, prints and writes
 LONG_WAIT = timedelta(hours=5)  # the longest one process may keep the others waiting
 GOING, STOPPED, FAILED = 0, 1, 2  # what every process agrees on, the worst of their states
-FAILED_KEY = "vae/failed"  # in torchrun's store: a run's own error, which a restart would meet again
-SAID_KEY = "vae/said"      # in torchrun's store: how many processes wanted to say their error
-PORT_KEY = "vae/port"      # in torchrun's store: the port of this attempt's store (rank 0's)
+# Keys in torchrun's store, which outlives a restart:
+FAILED_KEY = "vae/failed"  # the run's own error, which a restart would meet again
+SAID_KEY = "vae/said"      # how many processes wanted to say their error
+PORT_KEY = "vae/port"      # the port of this attempt's store (rank 0's)
 
 _torchrun_store = None  # torchrun's store, for the marks above; None in one process
 _control = None         # the gloo group for the run's own questions

@@ -149,6 +149,21 @@ def prior_loss(prior, z0):
 
 
 # --- Training ---------------------------------------------------------------------------------
+@torch.no_grad()
+def latent_means(model, images, index, device, batch_size=32):
+    """What the prior learns from: the VAE's latent means (not samples: the decoder ignores
+    the posterior's noise) of images[index] (uint8) and of their mirrors, never of augmented
+    images (the prior would draw their tilted frames and grey backgrounds)."""
+    model.eval()
+    mus = []
+    for pick in index.split(batch_size):
+        batch = images[pick].to(device)
+        for x in (batch, batch.flip(-1)):
+            x = x.float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1], as the VAE was trained
+            mus.append(model.encode(x.contiguous(memory_format=torch.channels_last))[0])
+    return torch.cat(mus).float()
+
+
 def fit_prior(codes, width, steps, batch_size, lr, generator, use_amp=False, stop=(),
               desc="learned prior"):
     """A LatentPrior trained on the codes (N, latent, h, w): the moving average of its weights,

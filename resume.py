@@ -89,7 +89,8 @@ def finished(args, checkpoint):
 
 def say_interrupted(done, checkpoint_path, args, default_dir):
     saved = "epoch 1 is" if done == 1 else f"epochs 1-{done} are"
-    go_on = f"{saved} saved in {checkpoint_path}: continue with `{resume_command(args, default_dir)}`"
+    again = resume_command(args, default_dir)
+    go_on = f"{saved} saved in {checkpoint_path}: continue with `{again}`"
     if MASTER:
         print(f"interrupted after epoch {done}; " + (go_on if done else "start it again"),
               file=sys.stderr)

@@ -114,7 +114,7 @@ def test_every_picture_and_file_a_readme_links_to_is_in_the_repository(readme):
     assert not missing, f"{readme} links to files git does not track: {missing}"
 
 
-MODULES = ("vae_model", "latent_prior", "cli", "image_data")
+MODULES = ("vae_model", "latent_prior", "cli", "image_data", "distributed", "resume", "report")
 SCRIPTS = ("train_vae", "sample_vae")
 
 
@@ -144,22 +144,25 @@ def test_the_files_form_a_stack():
         read |= readable
 
 
-def test_the_readme_names_every_file_and_each_stays_readable():
-    """Each top-level .py file is in the README's table of files, within 100 characters a line
-    and 420 lines (train_vae.py, which trains across GPUs too, 480), all within 1,550 lines."""
+def test_the_readme_names_every_top_level_file():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as file:
         readme = file.read()
     files = sorted(os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "*.py")))
     assert files == sorted(name + ".py" for name in MODULES + SCRIPTS)
-    total = 0
     for name in files:
         assert f"| [`{name}`]({name}) |" in readme, name
-        with open(os.path.join(ROOT, name), encoding="utf-8") as file:
-            lines = file.read().splitlines()
-        long = [number for number, line in enumerate(lines, 1) if len(line) > 100]
-        assert not long and len(lines) <= (480 if name == "train_vae.py" else 420), (name, long, len(lines))
-        total += len(lines)
-    assert total <= 1550, total
+
+
+@pytest.mark.parametrize("name", [name + ".py" for name in MODULES + SCRIPTS])
+def test_each_file_has_at_most_420_lines_none_over_100_characters(name):
+    """And train_vae.py, which people read first, at most 15% of its lines of 90 or more."""
+    with open(os.path.join(ROOT, name), encoding="utf-8") as file:
+        lines = file.read().splitlines()
+    over_100 = [number for number, line in enumerate(lines, 1) if len(line) > 100]
+    assert len(lines) <= 420 and not over_100, (len(lines), over_100)
+    if name == "train_vae.py":
+        long = [number for number, line in enumerate(lines, 1) if len(line) >= 90]
+        assert len(long) <= 0.15 * len(lines), long
 
 
 def readme_commands():

@@ -355,13 +355,13 @@ def test_a_new_decoder_version_decodes_the_images_again(tmp_path, decodes, monke
 
 
 def test_caches_unused_for_weeks_are_removed_and_recent_ones_kept(tmp_path):
-    cached(make_folder(tmp_path / "old", count=2), tmp_path / "cache")
+    cached(make_folder(tmp_path / "old", count=2), tmp_path / "cache")  # other images in each
     [old] = os.listdir(tmp_path / "cache")
     weeks_ago = time.time() - (image_data.CACHE_UNUSED_DAYS + 1) * 86400
     os.utime(tmp_path / "cache" / old, (weeks_ago, weeks_ago))
-    cached(make_folder(tmp_path / "recent", count=2), tmp_path / "cache")
+    cached(make_folder(tmp_path / "recent", count=3), tmp_path / "cache")
     [recent] = set(os.listdir(tmp_path / "cache")) - {old}
-    cached(make_folder(tmp_path / "new", count=2), tmp_path / "cache")
+    cached(make_folder(tmp_path / "new", count=4), tmp_path / "cache")
     left = set(os.listdir(tmp_path / "cache"))
     assert old not in left and recent in left and len(left) == 2
 
@@ -373,7 +373,7 @@ def test_a_used_cache_is_kept_however_old_it_was(tmp_path):
     weeks_ago = time.time() - (image_data.CACHE_UNUSED_DAYS + 1) * 86400
     os.utime(tmp_path / "cache" / name, (weeks_ago, weeks_ago))
     cached(folder, tmp_path / "cache")  # used again: its time is now
-    cached(make_folder(tmp_path / "other", count=2), tmp_path / "cache")
+    cached(make_folder(tmp_path / "other", count=3), tmp_path / "cache")
     assert name in os.listdir(tmp_path / "cache")
 
 
