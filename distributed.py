@@ -13,6 +13,7 @@ A failure in one process ends all of them: the run's own errors are said once, b
 process that met them, and marked in torchrun's store, which outlives a restart, so that
 `--max-restarts` does not train the same mistake again.
 """
+import gc
 import os
 import sys
 import time
@@ -35,6 +36,7 @@ SAID_KEY = "vae/said"      # how many processes wanted to say their error
 PORT_KEY = "vae/port"      # the port of this attempt's store (rank 0's)
 
 _torchrun_store = None  # torchrun's store, for the marks above; None in one process
+_attempt_store = None   # this attempt's store, which the process groups use
 _control = None         # the gloo group for the run's own questions
 
 
@@ -57,12 +59,12 @@ def join(device_name):
     device = torch.device(f"cuda:{LOCAL_RANK}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    global _torchrun_store, _control
+    global _torchrun_store, _attempt_store, _control
     _torchrun_store = next(dist.rendezvous("env://"))[0]
     if _torchrun_store.check([FAILED_KEY]):  # restarted after an error that would come again
         raise FailedElsewhere()
-    store = attempt_store(_torchrun_store)
-    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=RANK,
+    _attempt_store = attempt_store(_torchrun_store)
+    dist.init_process_group("nccl" if cuda else "gloo", store=_attempt_store, rank=RANK,
                             world_size=WORLD_SIZE)
     _control = dist.new_group(backend="gloo", timeout=LONG_WAIT)
     if not MASTER:
@@ -95,9 +97,15 @@ def attempt_store(torchrun_store):
             time.sleep(0.5)
 
 
-def leave():
-    if dist.is_initialized():
+def leave(failed=False):
+    """The process groups, then the stores, closed now: left to the interpreter's exit, their
+    threads may outlive what they use, and the process aborts. After a failure the groups are
+    left as they are: NCCL's would wait for the peers that are gone."""
+    global _torchrun_store, _attempt_store, _control
+    if dist.is_initialized() and not failed:
         dist.destroy_process_group()
+    _control = _attempt_store = _torchrun_store = None
+    gc.collect()
 
 
 # --- What the run asks of every process (each a collective: all processes call it) ----------

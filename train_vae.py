@@ -403,7 +403,9 @@ def main():
     try:
         status = train(parse_args())
     except Exception as error:
-        if not distributed.speaks(error):
+        said_elsewhere = not distributed.speaks(error)
+        distributed.leave(failed=True)
+        if said_elsewhere:
             sys.exit(2)  # another process failed, and said why
         raise
     distributed.leave()
