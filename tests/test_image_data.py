@@ -381,8 +381,8 @@ BUILDER = """
 import sys, time
 import image_data
 real = image_data.square_pixels
-def slow(*args):  # 40 ms an image, so that the two runs decode at the same time
-    time.sleep(0.04)
+def slow(*args):  # 0.2 s an image: the runs decode at the same time, whenever each starts
+    time.sleep(0.2)
     return real(*args)
 image_data.square_pixels = slow
 images = image_data.cached_images(image_data.image_files(sys.argv[1]), 32, "pad", sys.argv[1], sys.argv[2])
@@ -391,14 +391,16 @@ print("built", len(images))
 
 
 def test_runs_that_decode_the_same_folder_at_once_all_succeed(tmp_path):
-    """Two processes (as a sweep's, or two machines' sharing a home folder) decode into one cache
-    folder at the same time: neither removes the other's file while it is written."""
+    """Two processes (a sweep's, or two machines' sharing a home folder) decode into one cache
+    folder at the same time: the first to finish removes no file of the other's."""
     folder = make_folder(tmp_path / "images", count=25)
-    (tmp_path / "images" / "broken.png").write_bytes(b"not an image")  # the .part file too
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    runs = [subprocess.Popen([sys.executable, "-c", BUILDER, folder, str(tmp_path / "cache")], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    for run in runs:
+    command = [sys.executable, "-c", BUILDER, folder, str(tmp_path / "cache")]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache"):
+        time.sleep(0.05)  # the first is decoding: 5 s, while the second starts and decodes too
+    second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for run in (first, second):
         out, err = run.communicate(timeout=120)
         assert run.returncode == 0 and "built 25" in out, err[-2000:]
     assert len(os.listdir(tmp_path / "cache")) == 1
