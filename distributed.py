@@ -128,6 +128,15 @@ def agree(stopped, failure=None):
     return int(worst)
 
 
+def any_process(flag):
+    """Whether `flag` is true in any process, in every process."""
+    if WORLD_SIZE == 1:
+        return bool(flag)
+    found = torch.tensor([int(bool(flag))])
+    dist.all_reduce(found, op=dist.ReduceOp.MAX, group=_control)
+    return bool(found)
+
+
 def mean_over_processes(values):
     """The mean of every process's `values` (a CPU tensor), in every process."""
     if WORLD_SIZE == 1:

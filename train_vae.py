@@ -230,8 +230,11 @@ def train(args):
     typed = vars(args).pop("typed", set())
     device = distributed.join(args.device)
     checkpoint_path = os.path.join(args.results_dir, "checkpoint.pth")
-    # Restarted by torchrun (--max-restarts) after a lost worker: on from the checkpoint.
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+    # Restarted by torchrun (--max-restarts) after a lost worker: on from the checkpoint. Each
+    # machine's torchrun counts its own restarts: if any process was restarted, all were.
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    restarted = distributed.any_process(restart)
+    if restarted:
         saved = distributed.from_rank0(os.path.isfile(checkpoint_path))
         args.resume = args.resume or saved
     resumed = None

@@ -23,7 +23,7 @@ RUN = ("--epochs", 6, "--image-size", 32, "--batch-size", 2, "--save-every", 100
        "--device", "cpu", "--seed", 1)
 
 
-def torchrun(*args, nproc=2, cwd=None, wait=True, torchrun_flags=(), env=None):
+def torchrun(*args, nproc=2, cwd=None, wait=True, torchrun_flags=(), env=None, launcher=("-m", "torch.distributed.run")):
     """torchrun with `nproc` processes of one thread each on train_vae.py (or another script)."""
     script = args[0] if str(args[0]).endswith(".py") else os.path.join(ROOT, "train_vae.py")
     args = args[1:] if script == args[0] else args
@@ -31,7 +31,7 @@ def torchrun(*args, nproc=2, cwd=None, wait=True, torchrun_flags=(), env=None):
            "HF_HOME": HF_HOME, "XDG_CACHE_HOME": CACHE_HOME, "MPLBACKEND": "Agg", **(env or {})}
     # --standalone: a free port of its own (the default 29500 would join runs of other tests).
     standalone = [] if "--nnodes" in torchrun_flags else ["--standalone"]
-    command = [sys.executable, "-m", "torch.distributed.run", *standalone, "--nproc_per_node", str(nproc),
+    command = [sys.executable, *launcher, *standalone, "--nproc_per_node", str(nproc),
                *torchrun_flags, script, *map(str, args)]
     if not wait:
         return subprocess.Popen(command, cwd=cwd or ROOT, env=env, stdout=subprocess.PIPE,
@@ -186,23 +186,53 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_machines_build_a_cache_each_and_train_one_model(tmp_path, image_folder):
+def two_machines(tmp_path, image_folder, *flags, torchrun_flags=(), **options):
     """Two torchrun agents with --nnodes 2 on this machine, each with its own cache and results
     folders, as two machines without a shared disk would have."""
-    flags = ("--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-             "--rdzv-id", "vae-test")
-    agents = [torchrun("--data", image_folder, "--epochs", 2, *RUN[2:], "--cache-dir", tmp_path / f"cache{n}",
-                       "--results-dir", tmp_path / f"r{n}", "--out", tmp_path / f"m{n}.pth", nproc=1,
-                       wait=False, torchrun_flags=flags) for n in (0, 1)]
+    rendezvous = ("--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                  "--rdzv-id", "vae-test", *torchrun_flags)
+    return [torchrun("--data", image_folder, *RUN[2:], *flags, "--cache-dir", tmp_path / f"cache{n}",
+                     "--results-dir", tmp_path / f"r{n}", "--out", tmp_path / f"m{n}.pth", nproc=1, wait=False,
+                     torchrun_flags=rendezvous, **options) for n in (0, 1)]
+
+
+def test_two_machines_build_a_cache_each_and_train_one_model_and_its_prior(tmp_path, image_folder):
+    """Rank 0 trains the prior alone, longer than the other machine's torchrun would wait for it
+    at its exit barrier (2 s here, 300 s by default): the other process waits for rank 0 instead."""
+    agents = two_machines(tmp_path, image_folder, "--epochs", 2, "--prior-steps", 300, "--prior-width", 16,
+                          "--prior-guide-steps", 0, env={"EXIT_BARRIER_S": "2"},
+                          launcher=(os.path.join(ROOT, "tests", "torchrun_short_exit_barrier.py"),))
     ended = [finish(agent) for agent in agents]
     for agent, (_, stderr) in zip(agents, ended):
         assert agent.returncode == 0, stderr[-3000:]
+        assert "Error waiting on exit barrier" not in stderr, stderr[-3000:]
     for n in (0, 1):
         assert len(os.listdir(tmp_path / f"cache{n}")) == 1  # one cache file each
     models = [n for n in (0, 1) if (tmp_path / f"m{n}.pth").exists()]
     assert len(models) == 1 and (tmp_path / f"r{models[0]}" / "checkpoint.pth").exists()
     assert not (tmp_path / f"r{1 - models[0]}").exists()
     assert "2 processes x batch 2 = 4" in ended[models[0]][0]
+    prior, _ = load_prior(tmp_path / f"m{models[0]}.pth")
+    assert prior.config["width"] == 16
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers in /proc")
+def test_a_restart_that_the_two_machines_count_differently_still_trains(tmp_path, image_folder):
+    """The worker of one machine is killed: its torchrun counts a restart, the other's sees a
+    new member and restarts its worker without counting one. The new processes meet anyway."""
+    agents = two_machines(tmp_path, image_folder, "--epochs", 12, torchrun_flags=("--max-restarts", "1"))
+    workers = [{}, {}]
+    while not all(workers):  # which machine holds rank 0, the one that speaks
+        time.sleep(0.2)
+        workers = [worker_pids(agent) for agent in agents]
+    speaker = 0 if 0 in workers[0] else 1
+    wait_for_epoch(agents[speaker], 2)
+    os.kill(workers[1 - speaker][1], signal.SIGKILL)
+    ended = [finish(agent) for agent in agents]
+    for agent, (_, stderr) in zip(agents, ended):
+        assert agent.returncode == 0, stderr[-3000:]
+    assert "resuming after epoch" in ended[speaker][0]
+    assert torch.load(tmp_path / f"r{speaker}" / "checkpoint.pth", weights_only=True)["epoch"] == 12
 
 
 @pytest.mark.parametrize("device, phrase", [("mps", "pass --device auto, cuda or cpu"),
