@@ -235,3 +235,15 @@ def test_bench_ddp_measures_one_process_against_two_and_projects_from_the_gradie
     for run in results["quality"].values():
         assert math.isfinite(run["val_psnr"]) and run["val_psnr"] > 0
     assert "| 2 x 1 (gloo) | 1 |" in result.stdout and "| 2 x 1 |" in result.stdout
+
+
+# ------------------------------------------------------------------ benchmarks/bench_fingerprint.py
+def test_the_fingerprint_benchmark_times_distinct_files_cold_and_warm(image_folder, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_fingerprint.py"),
+                             "--data", image_folder, "--copies", "2", "--work", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [row] = [line for line in result.stdout.splitlines() if line.startswith("| 24 |")]
+    assert all(float(cell) >= 0 for cell in row.split("|")[2:-1]), row
+    copies = [open(tmp_path / "2x" / f"{k:02d}_blob_03.png", "rb").read() for k in (0, 1)]
+    assert copies[0] != copies[1] and copies[0].startswith(open(os.path.join(image_folder, "blob_03.png"), "rb").read())

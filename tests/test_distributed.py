@@ -137,8 +137,9 @@ def worker_pids(process):
     pids = {}
     for child in open(f"/proc/{process.pid}/task/{process.pid}/children").read().split():
         environ = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
-        rank = next(int(item[5:]) for item in environ if item.startswith(b"RANK="))
-        pids[rank] = int(child)
+        ranks = [int(item[5:]) for item in environ if item.startswith(b"RANK=")]
+        if ranks:  # a worker (a child that has not started the script yet has torchrun's environment)
+            pids[ranks[0]] = int(child)
     return pids
 
 
