@@ -251,14 +251,24 @@ def place_images(images, index, device):
     """(images, index) for training: on a GPU if they fit in GPU_DATA_SHARE of it, else as is."""
     if device.type != "cuda":
         return images, index
-    megabytes = len(index) * images[0].numel() / 1e6
-    if megabytes * 1e6 > GPU_DATA_SHARE * torch.cuda.mem_get_info(device)[0]:
-        print(f"training images ({megabytes:.0f} MB) in host memory, a pinned batch at a time")
+    size = len(index) * images[0].numel()  # bytes: uint8
+    if not fits_on_gpu(size, device):
+        print(f"training images ({size / 1e6:.0f} MB) in host memory, a pinned batch at a time")
         return images, index
-    print(f"training images ({megabytes:.0f} MB) on the GPU")
-    # A chunk at a time through host memory, so the copy never holds them all twice.
-    on_gpu = torch.cat([images[chunk].to(device) for chunk in index.split(256)])
-    return on_gpu, torch.arange(len(index), device=device)
+    print(f"training images ({size / 1e6:.0f} MB) on the GPU")
+    return gathered_on(images, index, device)
+
+
+def fits_on_gpu(size, device):
+    """Whether `size` bytes take at most GPU_DATA_SHARE of the GPU's free memory."""
+    return size <= GPU_DATA_SHARE * torch.cuda.mem_get_info(device)[0]
+
+
+def gathered_on(images, index, device):
+    """(images[index] on `device`, their index there), copied a chunk at a time through host
+    memory, so that the copy never holds them all twice."""
+    moved = torch.cat([images[chunk].to(device) for chunk in index.split(256)])
+    return moved, torch.arange(len(index), device=device)
 
 
 def fetch(images, pick, device):

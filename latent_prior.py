@@ -193,8 +193,14 @@ def fit_prior(codes, width, steps, batch_size, lr, generator, use_amp=False, sto
 
 
 # --- Sampling ---------------------------------------------------------------------------------
+SAMPLE_STEPS = 200              # DDIM steps from pure noise to a latent
+GUIDANCE = 1.5                  # how far autoguidance goes past the prior's own step; 1: off
+GUIDANCE_INTERVAL = (0.2, 0.7)  # the noise levels t (1: pure noise) where autoguidance acts
+
+
 @torch.no_grad()
-def sample_prior(prior, noise, steps=200, guide=None, guidance=1.5, interval=(0.2, 0.7)):
+def sample_prior(prior, noise, steps=SAMPLE_STEPS, guide=None, guidance=GUIDANCE,
+                 interval=GUIDANCE_INTERVAL):
     """Turn noise (B, latent, h, w) into latents of the first stage in `steps` deterministic
     DDIM steps: at each, estimate the clean latent and the noise from v, then re-mix them at
     the next, lower noise level. Autoguidance (Karras et al. 2024): `guide`, a smaller prior

@@ -20,6 +20,7 @@ from cli import (HelpWithDefaults, UserError, check_writable, checked, pick_devi
                  positive_int, run_main)
 from image_data import (DEFAULT_CACHE_DIR, UNREADABLE, cached_images, image_files, save_png,
                         square_pixels, to_model_range)
+import latent_prior
 from latent_prior import load_prior, sample_prior
 from vae_model import CheckpointError, atomic_write, load_vae, psnr, vae_loss
 
@@ -31,9 +32,9 @@ GENERATED_PATH = "vae_results/generated.png"           # grid of --generate
 INTERPOLATION_PATH = "vae_results/interpolation.png"   # strip of --interpolate (GIF beside it)
 LATENT_MAP_PATH = "vae_results/latent_map.png"         # figure of --latent-map
 STEPS = 10                      # points on the line of --interpolate
-SAMPLE_STEPS = 200              # denoising steps of the learned prior
-GUIDANCE = 1.5                  # autoguidance of the learned prior by its guide; 1: off
-GUIDANCE_INTERVAL = (0.2, 0.7)  # noise levels t (1: pure noise) where autoguidance acts
+SAMPLE_STEPS = latent_prior.SAMPLE_STEPS  # denoising steps of the learned prior (200)
+GUIDANCE = latent_prior.GUIDANCE          # autoguidance by the prior's guide (1.5); 1: off
+GUIDANCE_INTERVAL = latent_prior.GUIDANCE_INTERVAL  # noise levels t where it acts (0.2-0.7)
 TEMPERATURE = 1.0               # spread of the prior's noise: below 1, flatter, paler samples
 SEED = 0                        # seeds the latents drawn by --generate
 # -----------------------------------------------------------------------------------------------

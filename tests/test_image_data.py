@@ -286,29 +286,21 @@ def test_a_rotated_crop_shows_no_white_corner(fit, white_corners):
     assert (brightest == 255) == white_corners, brightest
 
 
-class FakeImages:
-    """Just enough of 100 uint8 images of 1 MB each for place_images, without a GPU."""
-
-    def __getitem__(self, rows):
-        return self if isinstance(rows, torch.Tensor) else torch.zeros(1_000_000, dtype=torch.uint8)
-
-    def to(self, device):
-        return f"a chunk on {device}"
-
-
-@pytest.mark.parametrize("free_gb, moved", [(0.4, True), (0.39, False)])
-def test_the_training_images_go_to_the_gpu_where_they_fit_in_its_share_of_free_memory(monkeypatch, free_gb, moved):
-    images, rows = FakeImages(), torch.arange(1000)[:100]
+@pytest.mark.parametrize("free_gb, fits", [(0.4, True), (0.39, False)])
+def test_the_training_images_go_to_the_gpu_where_they_fit_in_its_share_of_free_memory(monkeypatch, free_gb, fits):
     monkeypatch.setattr(image_data, "GPU_DATA_SHARE", 0.25)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gb * 1e9, 80e9))
-    monkeypatch.setattr(torch, "cat", lambda chunks: chunks)
-    monkeypatch.setattr(torch, "arange", lambda n, device: (n, str(device)))
-    placed = place_images(images, rows, torch.device("cuda"))
-    if moved:  # copied there, and renumbered
-        assert placed == (["a chunk on cuda"], (100, "cuda"))
-    else:
-        assert placed[0] is images and placed[1] is rows
-    assert place_images(images, rows, torch.device("cpu"))[0] is images
+    assert image_data.fits_on_gpu(100 * 1_000_000, torch.device("cuda")) == fits  # 100 images of 1 MB
+    images, rows = torch.zeros(1000, 3, 4, 4, dtype=torch.uint8), torch.arange(1000)[:100]
+    assert place_images(images, rows, torch.device("cpu"))[0] is images  # the CPU trains where they are
+
+
+def test_the_images_are_gathered_in_chunks_in_the_order_of_their_index():
+    """What place_images does on a GPU, here on the CPU: 300 images cross a chunk of 256."""
+    images = torch.randint(0, 256, (400, 3, 4, 4), dtype=torch.uint8)
+    index = torch.randperm(400, generator=torch.Generator().manual_seed(0))[:300]
+    moved, moved_index = image_data.gathered_on(images, index, torch.device("cpu"))
+    assert torch.equal(moved, images[index]) and torch.equal(moved_index, torch.arange(300))
 
 
 # ------------------------------------------------------------------ the images' identity, caches on shared disks

@@ -1,6 +1,5 @@
 """sample_vae.py: every mode, headless, on the model trained in conftest, checked against what
 the model computes; the learned prior and its guide by default, the fallbacks with a note."""
-import inspect
 import math
 import os
 import re
@@ -102,15 +101,6 @@ def test_generate_uses_the_learned_prior_and_its_guide_by_default(trained, tmp_p
     with Image.open(out) as grid:
         written = np.asarray(grid.convert("RGB")).astype(int)
     assert np.abs(written - expected).max() <= 1
-
-
-def test_training_draws_its_sample_grid_as_sample_vae_does():
-    """train_vae.py's samples_learned_prior.png takes sample_prior's defaults; sample_vae.py has
-    constants of its own, which must be the same numbers."""
-    defaults = inspect.signature(sample_prior).parameters
-    assert defaults["steps"].default == sample_vae.SAMPLE_STEPS
-    assert defaults["guidance"].default == sample_vae.GUIDANCE
-    assert defaults["interval"].default == sample_vae.GUIDANCE_INTERVAL
 
 
 @pytest.mark.parametrize("count, temperature", [(3, 1.0), (16, 0.7)])
@@ -226,7 +216,7 @@ def test_interpolation_decodes_the_straight_line_between_the_latent_means(traine
         assert gif.n_frames == 8  # 5 there, 3 back
 
 
-def test_latent_map_positions_are_the_principal_components_whatever_the_seed(trained, image_folder, tmp_path):
+def test_latent_map_positions_are_the_principal_components_and_the_map_is_repeatable(trained, image_folder, tmp_path):
     mus = torch.randn(30, 4, 2, 2) * torch.linspace(0.1, 3, 16).view(1, 4, 2, 2)
     flat = mus.flatten(1).double()
     centred = flat - flat.mean(0)
@@ -236,9 +226,9 @@ def test_latent_map_positions_are_the_principal_components_whatever_the_seed(tra
     for axis in range(2):  # an axis has no sign of its own
         assert torch.allclose(positions[:, axis].abs(), independent[:, axis].abs(), atol=1e-4)
     outs = [tmp_path / "a.png", tmp_path / "b.png"]
-    for seed, out in zip((1, 2), outs):
+    for out in outs:  # no randomness: the same map twice
         result = run_script("sample_vae.py", "--model", trained["model"], "--latent-map", image_folder,
-                            "--seed", seed, "--out", out)
+                            "--out", out)
         assert result.returncode == 0, result.stderr[-2000:]
     assert outs[0].read_bytes() == outs[1].read_bytes()
 
