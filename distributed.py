@@ -49,6 +49,22 @@ def join(device_name):
     """This process's device; under torchrun, joined to the others: NCCL for GPUs, else gloo."""
     if WORLD_SIZE == 1:
         return pick_device(device_name)
+    global _torchrun_store, _attempt_store, _control
+    _torchrun_store = next(dist.rendezvous("env://"))[0]  # first: an error here is said once
+    if _torchrun_store.check([FAILED_KEY]):  # restarted after an error that would come again
+        raise FailedElsewhere()
+    device = process_device(device_name)
+    _attempt_store = attempt_store(_torchrun_store)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=_attempt_store, rank=RANK, world_size=WORLD_SIZE)
+    _control = dist.new_group(backend="gloo", timeout=LONG_WAIT)
+    if not MASTER:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone speaks; errors still go to stderr
+    return device
+
+
+def process_device(device_name):
+    """The GPU of this process's LOCAL_RANK, or the CPU (--device cpu, or no CUDA GPU)."""
     if device_name not in ("auto", "cuda", "cpu"):
         raise UserError(f"under torchrun each process takes the GPU of its LOCAL_RANK, or the "
                         f"CPU; pass --device auto, cuda or cpu, not {device_name}")
@@ -59,16 +75,6 @@ def join(device_name):
     device = torch.device(f"cuda:{LOCAL_RANK}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    global _torchrun_store, _attempt_store, _control
-    _torchrun_store = next(dist.rendezvous("env://"))[0]
-    if _torchrun_store.check([FAILED_KEY]):  # restarted after an error that would come again
-        raise FailedElsewhere()
-    _attempt_store = attempt_store(_torchrun_store)
-    dist.init_process_group("nccl" if cuda else "gloo", store=_attempt_store, rank=RANK,
-                            world_size=WORLD_SIZE)
-    _control = dist.new_group(backend="gloo", timeout=LONG_WAIT)
-    if not MASTER:
-        sys.stdout = open(os.devnull, "w")  # rank 0 alone speaks; errors still go to stderr
     return device
 
 
@@ -202,8 +208,8 @@ def wait_for_rank0(status):
 def speaks(error):
     """Whether this process says its error: under torchrun, the first process to fail says a
     UserError and marks the run failed; the others, and whoever failed for it, stay quiet."""
-    if _torchrun_store is None:
-        return not isinstance(error, FailedElsewhere)
+    if _torchrun_store is None:  # one process, or torchrun's before they joined: rank 0's
+        return MASTER and not isinstance(error, FailedElsewhere)
     if isinstance(error, FailedElsewhere) or _torchrun_store.check([FAILED_KEY]):
         return False
     if isinstance(error, UserError):

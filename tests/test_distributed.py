@@ -240,18 +240,16 @@ def test_a_restart_that_the_two_machines_count_differently_still_trains(tmp_path
 @pytest.mark.parametrize("device, phrase", [("mps", "pass --device auto, cuda or cpu"),
                                             ("cuda:1", "takes the GPU of its LOCAL_RANK")])
 def test_a_device_that_torchrun_cannot_share_out_is_refused_in_one_sentence(device, phrase, monkeypatch):
-    monkeypatch.setattr(distributed, "WORLD_SIZE", 2)
     with pytest.raises(distributed.UserError, match=phrase):
-        distributed.join(device)
+        distributed.process_device(device)
 
 
 def test_more_processes_than_gpus_is_refused_in_one_sentence(monkeypatch):
-    monkeypatch.setattr(distributed, "WORLD_SIZE", 2)
     monkeypatch.setattr(distributed, "LOCAL_RANK", 1)
     monkeypatch.setattr(distributed, "pick_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(distributed.UserError, match=r"more processes on this machine than it has GPUs \(1\)"):
-        distributed.join("auto")
+        distributed.process_device("auto")
 
 
 def test_compile_under_torchrun_trains_and_saves_the_plain_model(tmp_path, image_folder):
@@ -276,7 +274,8 @@ def worker_tracebacks(stderr):
 
 @pytest.mark.parametrize("flags, sentence", [
     (("--data", "/nowhere/pokemon"), "error: the data folder /nowhere/pokemon does not exist"),
-    (("--epochs", "0"), "error: argument --epochs: must be a positive whole number")])
+    (("--epochs", "0"), "error: argument --epochs: must be a positive whole number"),
+    (("--device", "mps"), "error: under torchrun each process takes the GPU of its LOCAL_RANK")])
 def test_a_bad_folder_or_flag_is_said_once_under_torchrun(tmp_path, flags, sentence):
     result = torchrun(*RUN, "--results-dir", tmp_path / "r", "--out", tmp_path / "m.pth", *flags)
     assert result.returncode != 0
