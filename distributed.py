@@ -206,20 +206,16 @@ def wait_for_rank0(status):
 
 # --- A failure in one process ends all of them -------------------------------------------------
 def speaks(error):
-    """Whether this process says its error: under torchrun, the first process to fail says a
-    UserError and marks the run failed; the others, and whoever failed for it, stay quiet."""
+    """Whether this process says its error. Under torchrun the first process to fail says a
+    UserError; the others, and whoever failed for it, stay quiet. An error that would come again
+    (the run's own UserError, memory too small) marks the run failed in torchrun's store, so
+    that --max-restarts does not train it again."""
     if _torchrun_store is None:  # one process, or torchrun's before they joined: rank 0's
         return MASTER and not isinstance(error, FailedElsewhere)
     if isinstance(error, FailedElsewhere) or _torchrun_store.check([FAILED_KEY]):
         return False
-    if isinstance(error, UserError):
+    if isinstance(error, (UserError, torch.cuda.OutOfMemoryError)):
         _torchrun_store.set(FAILED_KEY, str(error))  # before this process's exit breaks a peer's
+    if isinstance(error, UserError):
         return _torchrun_store.add(SAID_KEY, 1) == 1
     return True
-
-
-def failed_elsewhere(error):
-    """Whether `error` only tells that another process failed (its connection closed)."""
-    if isinstance(error, FailedElsewhere):
-        return True
-    return _torchrun_store is not None and _torchrun_store.check([FAILED_KEY])

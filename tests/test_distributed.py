@@ -308,3 +308,12 @@ def test_a_divergence_on_rank_0_ends_every_process_at_once_and_is_never_trained_
     assert worker_tracebacks(result.stderr) == 0, result.stderr[-3000:]
     assert result.stdout.count("epoch   1/1000") == 1  # trained once, whatever the restarts
     assert torch.load(tmp_path / "r" / "checkpoint.pth", weights_only=True)["epoch"] == 1
+
+
+def test_out_of_memory_in_one_process_is_not_trained_again_under_max_restarts(tmp_path, image_folder):
+    result = torchrun(PATCHED, "--data", image_folder, "--epochs", 1000, *RUN[2:], "--results-dir", tmp_path / "r",
+                      "--out", tmp_path / "m.pth", env={"PATCH": "oom-on-rank-1"},
+                      torchrun_flags=("--max-restarts", "1"))
+    assert result.returncode != 0
+    assert result.stderr.count("OutOfMemoryError: CUDA out of memory") == 1, result.stderr[-3000:]
+    assert result.stdout.count("epoch   1/1000") == 1  # trained once: the restart stopped at once
