@@ -74,8 +74,9 @@ def settings(args, device):
     """The settings this run uses, said in its first line: the flags, else this device's
     defaults (without a CUDA GPU the CPU's: 512 px is 16x the work an image of 128 px)."""
     cpu = device.type != "cuda"
-    by_device = ("image_size", "epochs", "batch_size")
-    unset = [f"--{key.replace('_', '-')}" for key in by_device if not getattr(args, key)]
+    on_gpu = {"--image-size": f"{IMAGE_SIZE} px", "--epochs": f"{EPOCHS} epochs",
+              "--batch-size": f"batch {BATCH_SIZE}"}  # the defaults with a CUDA GPU
+    unset = [flag for flag in on_gpu if not getattr(args, flag[2:].replace("-", "_"))]
     args.image_size = args.image_size or (CPU_IMAGE_SIZE if cpu else IMAGE_SIZE)
     args.epochs = args.epochs or (CPU_EPOCHS if cpu else EPOCHS)
     args.batch_size = args.batch_size or (CPU_BATCH_SIZE if cpu else BATCH_SIZE)
@@ -94,9 +95,9 @@ def settings(args, device):
     line += f", {args.amp_dtype} autocast" if args.use_amp else ""
     line += " with loss scaling" if args.use_amp and old_gpu else ""
     line += ", torch.compile" if args.compile else ""
-    if cpu and unset:
-        line += (f" (CPU defaults for {', '.join(unset)}; with a CUDA GPU: "
-                 f"{IMAGE_SIZE} px, {EPOCHS} epochs, batch {BATCH_SIZE})")
+    if cpu and unset:  # the defaults in use, and what a CUDA GPU would use instead
+        gpu = ", ".join(on_gpu[flag] for flag in unset)
+        line += f" (CPU defaults for {', '.join(unset)}; with a CUDA GPU: {gpu})"
     print(line)
     return args
 
