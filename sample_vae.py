@@ -187,11 +187,13 @@ def interpolate(model, args, device, show):
     frames = interpolation(model, a, b, args.steps)
     pictures = [Image.fromarray((to_picture(f) * 255).round().astype("uint8")) for f in frames]
     pictures += pictures[-2:0:-1]  # there and back, so that the GIF loops without a jump
-    gif = os.path.splitext(args.out)[0] + ".gif"
+    # Two files, two names: --out names one (the GIF if it ends in .gif), the other lies beside.
+    stem, animated = os.path.splitext(args.out)[0], args.out.lower().endswith(".gif")
+    gif, strip = (args.out, stem + ".png") if animated else (stem + ".gif", args.out)
     atomic_write(gif, lambda tmp: pictures[0].save(tmp, format="GIF", save_all=True, loop=0,
                                                    append_images=pictures[1:], duration=120))
     print(f"saved {gif}")
-    save_grid(frames, args.out, args.steps, show)
+    save_grid(frames, strip, args.steps, show)
 
 
 # --- --latent-map: every image of a folder at its place in the latent space (PCA to 2-D) ------

@@ -214,6 +214,20 @@ def test_interpolation_decodes_the_straight_line_between_the_latent_means(traine
         assert np.abs(np.asarray(strip.convert("RGB")).astype(int) - grid_pixels(expected, nrow=5)).max() <= 1
     with Image.open(tmp_path / "walk.gif") as gif:
         assert gif.n_frames == 8  # 5 there, 3 back
+    assert result.stdout.count(f"saved {tmp_path / 'walk.gif'}") == 1 and result.stdout.count(f"saved {out}") == 1
+
+
+def test_interpolation_to_a_gif_name_puts_the_animation_there_and_the_strip_beside_it(trained, image_folder, tmp_path):
+    a, b = (os.path.join(image_folder, name) for name in ("blob_01.png", "blob_05.png"))
+    result = run_script("sample_vae.py", "--model", trained["model"], "--interpolate", a, b,
+                        "--steps", 4, "--out", tmp_path / "walk.gif")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(tmp_path / "walk.gif") as gif:
+        assert gif.format == "GIF" and gif.n_frames == 6  # 4 there, 2 back
+    with Image.open(tmp_path / "walk.png") as strip:
+        assert strip.format == "PNG"
+    for name in ("walk.gif", "walk.png"):
+        assert result.stdout.count(f"saved {tmp_path / name}") == 1, result.stdout
 
 
 def test_latent_map_positions_are_the_principal_components_and_the_map_is_repeatable(trained, image_folder, tmp_path):
