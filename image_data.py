@@ -295,8 +295,18 @@ def make_augment(rotation, fit="pad", size=None):
 
 
 # --- Out: a grid of images as a PNG -----------------------------------------------------------
+PICTURE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}  # by the name's suffix
+
+
+def picture_format(path):
+    """The format a picture's name asks for: PNG, or JPEG for .jpg and .jpeg."""
+    return PICTURE_FORMATS.get(os.path.splitext(path)[1].lower(), "png")
+
+
 def save_png(images, path, nrow=8):
-    """A grid of images in [-1, 1] as a PNG, written whole or not at all."""
+    """A grid of images in [-1, 1] as a PNG (a JPEG if the name says so), written whole or
+    not at all."""
     from torchvision.utils import save_image
     grid = dict(nrow=nrow, normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
-    atomic_write(path, lambda tmp: save_image(images.float(), tmp, format="png", **grid))
+    kind = picture_format(path)
+    atomic_write(path, lambda tmp: save_image(images.float(), tmp, format=kind, **grid))

@@ -18,8 +18,8 @@ from PIL import Image
 
 from cli import (HelpWithDefaults, UserError, check_writable, checked, pick_device, positive_float,
                  positive_int, run_main)
-from image_data import (DEFAULT_CACHE_DIR, UNREADABLE, cached_images, image_files, save_png,
-                        square_pixels, to_model_range)
+from image_data import (DEFAULT_CACHE_DIR, PICTURE_FORMATS, UNREADABLE, cached_images,
+                        image_files, picture_format, save_png, square_pixels, to_model_range)
 import latent_prior
 from latent_prior import load_prior, sample_prior
 from vae_model import CheckpointError, atomic_write, load_vae, psnr, vae_loss
@@ -84,7 +84,8 @@ def to_picture(tensor):
 
 def show_or_save(fig, path, show):
     import matplotlib.pyplot as plt  # matplotlib and torchvision where used: --help needs neither
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    kind = picture_format(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=kind, dpi=100, bbox_inches="tight"))
     print(f"saved {path}")
     if show:
         plt.show()
@@ -280,6 +281,14 @@ def check_mode_flags(p, args):
         p.error("argument --data: only --prior data uses it; add --prior data or drop --data")
 
 
+def check_suffix(path, gif=False):
+    """--out names a picture this script can write: PNG or JPEG (--interpolate: GIF too)."""
+    suffixes = list(PICTURE_FORMATS) + ([".gif"] if gif else [])
+    if os.path.splitext(path)[1].lower() not in suffixes:
+        raise UserError(f"--out {path}: this mode writes {', '.join(suffixes)} files; pass --out "
+                        "with a name that ends in one of those")
+
+
 def main():
     args = parse_args()
     # A window only where one can open; headless runs (servers, CI) just save the figure.
@@ -292,6 +301,7 @@ def main():
     args.out = args.out or out
 
     def run():
+        check_suffix(args.out, gif=mode is interpolate)  # before any work
         device = pick_device(args.device)
         model = load_model(args.model, device)
         check_writable(args.out, "--out")  # before the work, which may take a minute

@@ -164,6 +164,16 @@ def test_an_out_that_cannot_be_written(trained, tmp_path, mode):
     assert_user_error(result, "cannot write to the folder", "--out")
 
 
+@pytest.mark.parametrize("mode, out, allowed", [
+    ([], "x.tif", ".png, .jpg, .jpeg"), (["--generate", "2"], "grid.webp", ".png, .jpg, .jpeg"),
+    (["--latent-map", "."], "map", ".png, .jpg, .jpeg"), (["--interpolate", "a.png", "b.png"], "walk.mp4", ".png, .jpg, .jpeg, .gif")])
+def test_an_out_whose_suffix_this_mode_cannot_write_is_refused_before_any_work(tmp_path, mode, out, allowed):
+    """Refused before the model is loaded: a model that is not there is not even looked for."""
+    result = run_script("sample_vae.py", "--model", tmp_path / "none.pth", *mode, "--out", tmp_path / out)
+    assert_user_error(result, f"this mode writes {allowed} files", "pass --out with a name that ends in one")
+    assert not (tmp_path / out).exists()
+
+
 def cut_short():
     """The first half of a checkpoint, as a crash while copying it leaves it."""
     buffer = io.BytesIO()

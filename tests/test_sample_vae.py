@@ -269,3 +269,13 @@ def test_ctrl_c_while_sampling_ends_without_a_traceback(trained, monkeypatch, ca
         assert exit_.code == 130 and "interrupted" in capsys.readouterr().err
     else:
         pytest.fail("sample_vae.main() returned after Ctrl-C")
+
+
+@pytest.mark.parametrize("mode", [[], ["--generate", "2"], ["--latent-map", "IMAGES"]])
+def test_out_with_a_jpeg_name_writes_a_jpeg_in_every_mode(trained, image_folder, tmp_path, mode):
+    mode = [image_folder if flag == "IMAGES" else flag for flag in mode]
+    for name in ("x.jpg", "y.JPEG", "z.png"):
+        result = run_script("sample_vae.py", "--model", trained["model"], "--no-show", *mode, "--out", tmp_path / name)
+        assert result.returncode == 0, result.stderr[-2000:]
+        with Image.open(tmp_path / name) as picture:
+            assert picture.format == ("PNG" if name.endswith(".png") else "JPEG")
