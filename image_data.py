@@ -33,8 +33,9 @@ UNREADABLE = Exception
 def image_files(source, flag="--data"):
     """Every file under a local folder (whatever the names), or a Hub data set's images."""
     if os.path.isdir(source):
-        files = [os.path.join(root, name) for root, _, names in os.walk(source) for name in names
-                 if not name.startswith(".")]
+        files, passed_by = walk(source)
+        if passed_by:
+            print(f"passed by under {source}: {', '.join(passed_by)}")
         if not files:
             raise UserError(f"the folder {source} holds no image files; put .png or .jpg images "
                             f"in it or pass another {flag}")
@@ -45,6 +46,37 @@ def image_files(source, flag="--data"):
         raise UserError(f"the data folder {source} {what}; pass --data with an existing folder "
                         "of images or a Hub data set name")
     return hub_images(source)
+
+
+def walk(folder):
+    """(the files under folder, what was passed by and why). One rule for the hidden: a file or
+    folder whose name starts with "." is passed by. Linked folders are followed, each real
+    folder once (a link back up would loop); a link to nothing, or a folder that cannot be
+    read, is passed by. All that is passed by is counted, never silent."""
+    files, seen = [], set()
+    passed = {"unreadable folder": 0, "broken link": 0, "repeated linked folder": 0}
+    hidden = 0
+    def unreadable(error):
+        passed["unreadable folder"] += 1
+    for root, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # reached again through a link
+            passed["repeated linked folder"] += 1
+            dirs[:] = []
+            continue
+        seen.add(real)
+        hidden += sum(name.startswith(".") for name in dirs + names)
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))  # in a fixed order
+        for name in names:
+            path = os.path.join(root, name)
+            if name.startswith("."):
+                continue
+            if os.path.exists(path):  # False for a link to nothing, or a loop of links
+                files.append(path)
+            else:
+                passed["broken link"] += 1
+    said = [counted(n, what) for what, n in passed.items() if n]
+    return files, said + ([f"{hidden} hidden (a name that starts with .)"] if hidden else [])
 
 
 def hub_images(name):

@@ -412,3 +412,35 @@ def test_the_cache_skips_what_sample_vae_refuses(tmp_path, monkeypatch, capsys):
     assert len(cached(folder, tmp_path / "cache")) == 2
     with pytest.raises(image_data.UserError, match="is not a readable image \\(ZeroDivisionError\\)"):
         sample_vae.load_image(odd, VAE(32, 2, (8, 8, 8)))
+
+
+# ------------------------------------------------------------------ whatever a folder holds
+def test_every_file_under_a_messy_folder_is_used_or_passed_by_and_counted(tmp_path, monkeypatch, capsys):
+    """Hidden files and folders alike are passed by; a linked folder is followed, each real folder
+    once; a link to nothing, a loop of links and a folder that cannot be read are passed by;
+    every one of them is counted in one line, and the images left are cached."""
+    folder = tmp_path / "images"
+    make_folder(folder / "a", count=3)
+    make_folder(tmp_path / "elsewhere", count=2)
+    make_folder(folder / ".thumbs", count=2)  # a hidden folder
+    (folder / ".hidden.png").write_bytes((folder / "a" / "blob_00.png").read_bytes())  # a hidden file
+    os.symlink(tmp_path / "elsewhere", folder / "linked")  # a linked folder: followed
+    os.symlink(folder, folder / "a" / "up")  # a link back up: a loop of folders
+    os.symlink(tmp_path / "nowhere.png", folder / "dangling.png")  # a link to nothing
+    os.symlink(folder / "loop2.png", folder / "loop1.png")  # a loop of links
+    os.symlink(folder / "loop1.png", folder / "loop2.png")
+    make_folder(folder / "locked", count=2)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # tests run as root, whom chmod does not stop: the walk is refused here
+        if os.fspath(path) == str(folder / "locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    files = image_files(str(folder))
+    assert [os.path.relpath(file, folder) for file in files] == [
+        "a/blob_00.png", "a/blob_01.png", "a/blob_02.png", "linked/blob_00.png", "linked/blob_01.png"]
+    said = capsys.readouterr().out
+    assert said == (f"passed by under {folder}: 1 unreadable folder, 3 broken links, 1 repeated linked folder, "
+                    "2 hidden (a name that starts with .)\n")
+    assert len(cached(str(folder), tmp_path / "cache")) == 5
