@@ -91,8 +91,9 @@ def hub_images(name):
             port = url.port or (443 if url.scheme == "https" else 80)
             socket.create_connection((url.hostname, port), 5).close()
     except OSError:
-        raise UserError(f"cannot reach the Hugging Face Hub to download {name}; connect to the "
-                        "internet or train offline with --data path/to/images") from None
+        raise UserError(f"{name} is no folder here, and the Hugging Face Hub, where it would "
+                        "be a data set, cannot be reached; check the path given to --data, or "
+                        "connect to the internet for the Hub") from None
     try:
         table = datasets.load_dataset(name, split="train")
     except Exception as error:  # datasets raises many types for a wrong name or a failed download

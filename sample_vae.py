@@ -41,6 +41,9 @@ SEED = 0                        # seeds the latents drawn by --generate
 
 
 def load_model(path, device, loader=load_vae):
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a model; pass --model with the path of a "
+                        "file that train_vae.py wrote (vae_model.pth)")
     try:
         return loader(path, map_location=device)
     except FileNotFoundError:
@@ -52,6 +55,9 @@ def load_model(path, device, loader=load_vae):
 
 def load_image(path, model, flag="--image"):
     """One image as a (1, 3, size, size) tensor in [-1, 1], prepared as the training images."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not an image; pass {flag} with the path of an "
+                        "image file")
     if not os.path.isfile(path):
         raise UserError(f"the image {path} does not exist; pass {flag} with the path of an image")
     try:
@@ -63,6 +69,8 @@ def load_image(path, model, flag="--image"):
 
 
 def load_folder(folder, model, flag):
+    if os.path.isfile(folder):
+        raise UserError(f"{folder} is a file, not a folder; pass {flag} with a folder of images")
     if not os.path.isdir(folder):
         raise UserError(f"the folder {folder} does not exist; pass {flag} with an existing "
                         "folder of images")

@@ -47,8 +47,20 @@ def test_data_folder_without_two_readable_images(tmp_path, readable):
 def test_hub_unreachable_fails_fast(tmp_path):
     result = run_script("train_vae.py", "--data", "someone/some-dataset", "--results-dir", tmp_path / "r",
                         env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, timeout=60)
-    assert_user_error(result, "cannot reach the Hugging Face Hub", "--data")
+    assert_user_error(result, "someone/some-dataset is no folder here, and the Hugging Face Hub",
+                      "cannot be reached", "check the path given to --data")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flag, kind, said", [
+    ("--image", "folder", "is a folder, not an image; pass --image with the path of an image file"),
+    ("--model", "folder", "is a folder, not a model; pass --model with the path of a file"),
+    ("--latent-map", "file", "is a file, not a folder; pass --latent-map with a folder of images")])
+def test_a_path_of_the_wrong_kind_is_named_as_what_it_is(trained, image_folder, tmp_path, flag, kind, said):
+    path = image_folder if kind == "folder" else os.path.join(image_folder, "blob_00.png")
+    model = () if flag == "--model" else ("--model", trained["model"])
+    result = run_script("sample_vae.py", *model, flag, path, "--no-show", "--out", tmp_path / "x.png")
+    assert_user_error(result, f"{path} {said}")
 
 
 def test_hub_data_set_that_does_not_exist(tmp_path):
