@@ -37,6 +37,7 @@ GUIDANCE = latent_prior.GUIDANCE          # autoguidance by the prior's guide (1
 GUIDANCE_INTERVAL = latent_prior.GUIDANCE_INTERVAL  # noise levels t where it acts (0.2-0.7)
 TEMPERATURE = 1.0               # spread of the prior's noise: below 1, flatter, paler samples
 SEED = 0                        # seeds the latents drawn by --generate
+CACHE_DIR = DEFAULT_CACHE_DIR   # decoded images of --latent-map, --data: train_vae.py's cache
 # -----------------------------------------------------------------------------------------------
 
 
@@ -68,14 +69,14 @@ def load_image(path, model, flag="--image"):
     return to_model_range(pixels.unsqueeze(0))
 
 
-def load_folder(folder, model, flag):
+def load_folder(folder, model, flag, cache_dir=CACHE_DIR):
     if os.path.isfile(folder):
         raise UserError(f"{folder} is a file, not a folder; pass {flag} with a folder of images")
     if not os.path.isdir(folder):
         raise UserError(f"the folder {folder} does not exist; pass {flag} with an existing "
                         "folder of images")
     files = image_files(folder, flag)
-    images = cached_images(files, model.image_size, model.fit, folder, DEFAULT_CACHE_DIR)
+    images = cached_images(files, model.image_size, model.fit, folder, cache_dir)
     return to_model_range(images)
 
 
@@ -169,7 +170,7 @@ def generate(model, args, device, show):
     shape = (model.config["latent_channels"], model.image_size // 8, model.image_size // 8)
     name, prior, guide = pick_prior(args, device)
     if name == "data":
-        mean, std = fit_data_prior(model, load_folder(args.data, model, "--data").to(device))
+        mean, std = fit_data_prior(model, load_folder(args.data, model, "--data", args.cache_dir).to(device))
     else:
         mean, std = torch.zeros(shape, device=device), torch.ones(shape, device=device)
     # Below 1, the noise is drawn nearer its centre (reduced-temperature sampling, as in Glow,
@@ -217,7 +218,7 @@ def latent_positions(mus):
 
 
 def latent_map(model, args, device, show):
-    images = load_folder(args.latent_map, model, "--latent-map").to(device)
+    images = load_folder(args.latent_map, model, "--latent-map", args.cache_dir).to(device)
     xy = latent_positions(encode_means(model, images)).numpy()
     import matplotlib.pyplot as plt
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
@@ -261,6 +262,7 @@ def parse_args(argv=None):
     add("--steps", type=checked(int, lambda v: v >= 2, "at least 2 (the two ends)"), default=STEPS,
         help="points on the --interpolate line")
     add("--seed", type=int, default=SEED, help="seeds the latents drawn by --generate")
+    add("--cache-dir", default=CACHE_DIR, help="decoded images of a folder, as train_vae.py's")
     args = p.parse_args(argv)
     args.guidance_interval = tuple(args.guidance_interval)
     check_mode_flags(p, args)

@@ -279,3 +279,11 @@ def test_out_with_a_jpeg_name_writes_a_jpeg_in_every_mode(trained, image_folder,
         assert result.returncode == 0, result.stderr[-2000:]
         with Image.open(tmp_path / name) as picture:
             assert picture.format == ("PNG" if name.endswith(".png") else "JPEG")
+
+
+def test_a_folder_is_decoded_into_the_cache_dir_given(trained, image_folder, tmp_path):
+    result = run_script("sample_vae.py", "--model", trained["model"], "--latent-map", image_folder,
+                        "--cache-dir", tmp_path / "cache", "--no-show", "--out", tmp_path / "map.png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    [cache] = os.listdir(tmp_path / "cache")
+    assert cache.endswith(".npy") and "-32px-pad-" in cache and f"cached in {tmp_path / 'cache'}" in result.stdout
