@@ -37,6 +37,7 @@ GUIDANCE = latent_prior.GUIDANCE          # autoguidance by the prior's guide (1
 GUIDANCE_INTERVAL = latent_prior.GUIDANCE_INTERVAL  # noise levels t where it acts (0.2-0.7)
 TEMPERATURE = 1.0               # spread of the prior's noise: below 1, flatter, paler samples
 SEED = 0                        # seeds the latents drawn by --generate
+GENERATE_BATCH = 64             # samples drawn and decoded at once by --generate
 CACHE_DIR = DEFAULT_CACHE_DIR   # decoded images of --latent-map, --data: train_vae.py's cache
 # -----------------------------------------------------------------------------------------------
 
@@ -170,18 +171,23 @@ def generate(model, args, device, show):
     shape = (model.config["latent_channels"], model.image_size // 8, model.image_size // 8)
     name, prior, guide = pick_prior(args, device)
     if name == "data":
-        mean, std = fit_data_prior(model, load_folder(args.data, model, "--data", args.cache_dir).to(device))
+        images = load_folder(args.data, model, "--data", args.cache_dir).to(device)
+        mean, std = fit_data_prior(model, images)
     else:
         mean, std = torch.zeros(shape, device=device), torch.ones(shape, device=device)
     # Below 1, the noise is drawn nearer its centre (reduced-temperature sampling, as in Glow,
     # Kingma and Dhariwal 2018): flatter, paler samples, at the cost of the texture distance.
-    z = draw_latents(args.generate, mean, std * args.temperature, args.seed)
-    if prior is not None:  # the learned prior turns that noise into a latent, step by step
-        z = sample_prior(prior, z, args.sample_steps, guide, args.guidance, args.guidance_interval)
+    z = draw_latents(args.generate, mean, std * args.temperature, args.seed)  # all at once
+    samples = []
+    for part in z.split(GENERATE_BATCH):  # memory stays flat in the number of samples
+        if prior is not None:  # the learned prior turns the noise into a latent, step by step
+            part = sample_prior(prior, part, args.sample_steps, guide, args.guidance,
+                                args.guidance_interval)
+        samples.append(model.decode(part).cpu())
     line = f"{args.generate} samples from the {name} prior"
     line += f", autoguidance {args.guidance:g}" if guide is not None and args.guidance != 1 else ""
     print(line + (f", temperature {args.temperature:g}" if args.temperature != 1 else ""))
-    save_grid(model.decode(z), args.out, min(8, args.generate), show)
+    save_grid(torch.cat(samples), args.out, min(8, args.generate), show)
 
 
 # --- --interpolate: walk the straight line between two images' latent means -------------------

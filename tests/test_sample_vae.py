@@ -287,3 +287,18 @@ def test_a_folder_is_decoded_into_the_cache_dir_given(trained, image_folder, tmp
     assert result.returncode == 0, result.stderr[-2000:]
     [cache] = os.listdir(tmp_path / "cache")
     assert cache.endswith(".npy") and "-32px-pad-" in cache and f"cached in {tmp_path / 'cache'}" in result.stdout
+
+
+def test_generate_draws_and_decodes_in_batches_the_same_samples(trained, tmp_path, monkeypatch):
+    """A batch of 3 (GENERATE_BATCH is 64) gives the samples of one batch of 7, a chunk at a time."""
+    model = load_vae(trained["model"])
+    sizes, real_decode = [], model.decode
+    monkeypatch.setattr(model, "decode", lambda z: sizes.append(len(z)) or real_decode(z))
+    args = sample_vae.parse_args(["--generate", "7", "--prior", "normal", "--out", str(tmp_path / "a.png")])
+    sample_vae.generate(model, args, torch.device("cpu"), show=False)
+    monkeypatch.setattr(sample_vae, "GENERATE_BATCH", 3)
+    args.out = str(tmp_path / "b.png")
+    sample_vae.generate(model, args, torch.device("cpu"), show=False)
+    assert sizes == [7, 3, 3, 1]
+    with Image.open(tmp_path / "a.png") as a, Image.open(tmp_path / "b.png") as b:
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
