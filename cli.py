@@ -2,6 +2,7 @@
 can fix, checked flag values, the device and its precision, writable outputs, a clean stop."""
 import argparse
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -139,6 +140,27 @@ def bf16_is_fast(device):
         return torch.cuda.get_device_capability(device)[0] >= 8
     names = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's, looked up
     return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in names)
+
+
+FEW_STEPS = 100  # optimizer steps below which a run is told it will hardly learn
+
+
+def check_batch(batch_size, images, processes=1):
+    """A batch larger than the training images (each process's share of them) would make every
+    epoch one short step, which looks like a run that does not learn."""
+    share = math.ceil(images / processes)
+    if batch_size > share:
+        whose = "each process has" if processes > 1 else "there are"
+        raise UserError(f"--batch-size {batch_size} is more than the {share} training images "
+                        f"{whose}; pass --batch-size {share} or less, or add images")
+
+
+def say_few_steps(steps, epochs):
+    """Tiny runs are how people try things: too few steps to learn are said, never refused."""
+    if steps < FEW_STEPS:
+        print(f"note: {counted(steps, 'optimizer step')} in all ({steps // epochs} an epoch), "
+              f"fewer than {FEW_STEPS}: too few to learn much; give more epochs or images, or a "
+              "smaller --batch-size")
 
 
 def check_writable(path, flag):

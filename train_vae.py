@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 import distributed
 from cli import (HelpWithDefaults, Parser, UserError, angle, bf16_is_fast, channel_list,
-                 check_writable, counted, folder_lock, fraction, multiple_of_8,
-                 positive_float, positive_int, run_main, steps_or_0, stop_on_signals,
+                 check_batch, check_writable, counted, folder_lock, fraction, multiple_of_8,
+                 positive_float, positive_int, run_main, say_few_steps, steps_or_0, stop_on_signals,
                  typed_flags, unet_width, zero_or_positive)
 from distributed import MASTER, RANK, WORLD_SIZE
 from image_data import (DEFAULT_CACHE_DIR, cache_path, cached_images, fetch, image_files,
@@ -234,8 +234,7 @@ def train(args):
     # Restarted by torchrun (--max-restarts) after a lost worker: on from the checkpoint. Each
     # machine's torchrun counts its own restarts: if any process was restarted, all were.
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    restarted = distributed.any_process(restart)
-    if restarted:
+    if distributed.any_process(restart):
         saved = distributed.from_rank0(os.path.isfile(checkpoint_path))
         args.resume = args.resume or saved
     resumed = None
@@ -243,8 +242,7 @@ def train(args):
         args, resumed = resume_settings(args, typed, checkpoint_path)
     args = settings(args, device)
     if resumed:
-        done = distributed.from_rank0(MASTER and finished(args, resumed))
-        if done:
+        if distributed.from_rank0(MASTER and finished(args, resumed)):
             print(f"the run in {args.results_dir} is finished, its model in {args.out}: "
                   "nothing left to do (new prior flags would train its prior again)")
             return 0
@@ -257,6 +255,7 @@ def train(args):
 
 def train_and_save(args, device, resumed, checkpoint_path):
     images, train_rows, val_images = load_data(args, device)
+    check_batch(args.batch_size, len(train_rows), WORLD_SIZE)
     model = VAE(args.image_size, args.latent_channels, args.channels, args.fit)
     model = model.to(device, memory_format=torch.channels_last)  # NHWC, cuDNN's choice
     if RANK:  # the same weights in every process, but each its own augmentation, noise
@@ -264,6 +263,7 @@ def train_and_save(args, device, resumed, checkpoint_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     share = math.ceil(len(train_rows) / WORLD_SIZE)  # each process's images an epoch
     steps = args.epochs * math.ceil(share / args.batch_size)
+    say_few_steps(steps, args.epochs)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, steps,
                                                     pct_start=args.warmup)
     # float16 overflows above 65504: the scaler multiplies the loss into its range, and

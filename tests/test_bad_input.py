@@ -324,3 +324,22 @@ def test_prior_that_does_not_fit_its_config(trained, tmp_path, part):
     torch.save(checkpoint, tmp_path / "bad.pth")
     result = run_script("sample_vae.py", "--model", tmp_path / "bad.pth", "--generate", 2)
     assert_user_error(result, f"{part} that does not fit its own config")
+
+
+@pytest.mark.parametrize("flags, said", [
+    (("--batch-size", "12"), "--batch-size 12 is more than the 11 training images there are; pass --batch-size 11"),
+    (("--val-fraction", "0.95"), "--batch-size 2 is more than the 1 training images there are")])
+def test_a_batch_larger_than_the_training_images_is_refused(image_folder, tmp_path, flags, said):
+    """12 images, 1 held out: 11 to train on; at --val-fraction 0.95, 11 held out and 1 left."""
+    result = run_script("train_vae.py", "--data", image_folder, "--image-size", 32, "--epochs", 2, "--device", "cpu",
+                        "--prior-steps", 0, "--cache-dir", tmp_path / "cache", "--results-dir", tmp_path / "r",
+                        *flags)
+    assert_user_error(result, said, "or add images")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_of_few_steps_is_told_so_and_trains(image_folder, tmp_path):
+    result = run_script("train_vae.py", "--data", image_folder, "--image-size", 32, "--epochs", 2, "--batch-size", 4,
+                        "--device", "cpu", "--prior-steps", 0, "--results-dir", tmp_path / "r", "--out", tmp_path / "m.pth")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "note: 6 optimizer steps in all (3 an epoch), fewer than 100: too few to learn much" in result.stdout
