@@ -27,6 +27,13 @@ FINGERPRINT_BYTES = 16384  # read from each end of a file to know it: its whole 
 CACHE_UNUSED_DAYS = 30  # a cache not used for this long is removed when another is made
 # PIL raises many types for broken or foreign files; whatever it is, that one file is skipped.
 UNREADABLE = Exception
+# Larger images are skipped, and named: one of 100 megapixels takes 300 MB and seconds to decode.
+MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = None  # Pillow's own guard (a raw warning, then an error): MAX_PIXELS's
+
+
+class TooLarge(ValueError):
+    """An image over MAX_PIXELS."""
 
 
 # --- Finding the images -----------------------------------------------------------------------
@@ -110,6 +117,9 @@ def hub_images(name):
 def open_rgb(file):
     """An image file (path or file object) of any mode as RGB on a white background, upright."""
     image = Image.open(file)
+    if image.width * image.height > MAX_PIXELS:  # known from the header, before decoding
+        raise TooLarge(f"{image.width} x {image.height} px, over the limit of "
+                       f"{MAX_PIXELS / 1e6:.0f} megapixels")
     image.load()  # decode now, so that a truncated file fails here and not later
     image = ImageOps.exif_transpose(image)  # a photo stored sideways, turned as viewers show it
     if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grey: scale to 8 bits
@@ -210,15 +220,21 @@ def build_cache(files, size, fit, path):
     folder, shape = os.path.dirname(path), (3, size, size)
     def write(tmp):
         out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(files),) + shape)
-        count = 0
+        count, too_large = 0, []
         for file in tqdm(files, desc=f"caching images at {size} px", leave=False):
             try:
                 pixels = square_pixels(io.BytesIO(file) if isinstance(file, bytes) else file,
                                        size, fit)
+            except TooLarge as error:
+                too_large.append(f"{'an image of the Hub' if isinstance(file, bytes) else file} "
+                                 f"({error})")
+                continue
             except UNREADABLE:
                 continue
             out[count] = pixels.numpy()
             count += 1
+        if too_large:
+            print(f"skipping {counted(len(too_large), 'image')} too large: {'; '.join(too_large)}")
         if count < len(files):  # the readable images only, in a file their size
             part = np.lib.format.open_memmap(tmp + ".part", "w+", np.uint8, (count,) + shape)
             part[:] = out[:count]

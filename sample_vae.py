@@ -18,8 +18,9 @@ from PIL import Image
 
 from cli import (HelpWithDefaults, UserError, check_writable, checked, pick_device, positive_float,
                  positive_int, run_main)
-from image_data import (DEFAULT_CACHE_DIR, PICTURE_FORMATS, UNREADABLE, cached_images,
-                        image_files, picture_format, save_png, square_pixels, to_model_range)
+from image_data import (DEFAULT_CACHE_DIR, PICTURE_FORMATS, UNREADABLE, TooLarge,
+                        cached_images, image_files, picture_format, save_png, square_pixels,
+                        to_model_range)
 import latent_prior
 from latent_prior import load_prior, sample_prior
 from vae_model import CheckpointError, atomic_write, load_vae, psnr, vae_loss
@@ -64,6 +65,8 @@ def load_image(path, model, flag="--image"):
         raise UserError(f"the image {path} does not exist; pass {flag} with the path of an image")
     try:
         pixels = square_pixels(path, model.image_size, model.fit)
+    except TooLarge as error:
+        raise UserError(f"{path} is too large: {error}; pass a smaller image") from None
     except UNREADABLE as error:  # the same files the cache skips
         raise UserError(f"{path} is not a readable image ({type(error).__name__}); "
                         "pass a PNG or JPEG file") from error

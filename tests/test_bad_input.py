@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import sample_vae
 from conftest import assert_user_error, make_folder, run_script
@@ -343,3 +344,20 @@ def test_a_run_of_few_steps_is_told_so_and_trains(image_folder, tmp_path):
                         "--device", "cpu", "--prior-steps", 0, "--results-dir", tmp_path / "r", "--out", tmp_path / "m.pth")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "note: 6 optimizer steps in all (3 an epoch), fewer than 100: too few to learn much" in result.stdout
+
+
+def test_an_image_over_the_pixel_limit_is_named_with_its_size_when_skipped_and_refused(trained, tmp_path):
+    """A 14000 x 14000 PNG of one colour (Pillow writes it in about a second): known from its
+    header, never decoded, and no raw Pillow warning."""
+    folder = make_folder(tmp_path / "images", count=3)
+    big = os.path.join(folder, "big.png")
+    Image.new("RGB", (14000, 14000), (255, 255, 255)).save(big)
+    result = run_script("sample_vae.py", "--model", trained["model"], "--image", big, "--no-show",
+                        "--out", tmp_path / "x.png")
+    assert_user_error(result, f"{big} is too large: 14000 x 14000 px, over the limit of 100 megapixels",
+                      "pass a smaller image")
+    result = run_script("sample_vae.py", "--model", trained["model"], "--latent-map", folder, "--no-show",
+                        "--cache-dir", tmp_path / "cache", "--out", tmp_path / "map.png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"skipping 1 image too large: {big} (14000 x 14000 px, over the limit of 100 megapixels)" in result.stdout
+    assert "skipped 1 file(s)" in result.stdout and "DecompressionBomb" not in result.stdout + result.stderr
