@@ -23,7 +23,7 @@ from image_data import (DEFAULT_CACHE_DIR, PICTURE_FORMATS, UNREADABLE, TooLarge
                         to_model_range)
 import latent_prior
 from latent_prior import load_prior, sample_prior
-from vae_model import CheckpointError, atomic_write, load_vae, psnr, vae_loss
+from vae_model import CheckpointError, atomic_write, load_checkpoint, load_vae, psnr, vae_loss
 
 # -----------------------------------------------------------------------------------------------
 MODEL_PATH = "vae_model.pth"                 # checkpoint written by train_vae.py
@@ -161,12 +161,28 @@ def pick_prior(args, device):
     prior, guide = load_model(args.model, device, loader=load_prior)
     if prior is not None:  # without a guide (--prior-guide-steps 0): no autoguidance, as it says
         return "learned", prior, guide
+    why = why_no_prior(args.model)
     if args.prior == "learned":
-        raise UserError(f"{args.model} holds no learned prior; train one with `python "
-                        "train_vae.py` (its stage two) or pass --prior normal or --prior data")
-    print(f"note: {args.model} holds no learned prior (trained with --prior-steps 0 or by an "
-          "older version); sampling from N(0, I) instead")
+        raise UserError(f"{args.model} holds no learned prior: {why}; or pass --prior normal "
+                        "or --prior data")
+    print(f"note: {args.model} holds no learned prior: {why}; sampling from N(0, I) instead")
     return "normal", None, None
+
+
+def why_no_prior(path):
+    """Why a model holds no prior, and the next step, from what train_vae.py wrote in it."""
+    checkpoint = load_checkpoint(path)
+    if "epoch" in checkpoint:
+        return (f"it is a training checkpoint (after epoch {checkpoint['epoch']}); pass --model "
+                "with the model its run saved (--out, vae_model.pth)")
+    status = checkpoint.get("prior_status")
+    if status == "to train":
+        return ("its stage two did not finish; train the prior with `python train_vae.py "
+                "--resume` (and the run's --results-dir)")
+    if status == "none asked":
+        return ("it was trained with --prior-steps 0; add one with `python train_vae.py "
+                "--resume --prior-steps 4000` in its run")
+    return "train one with `python train_vae.py` (its stage two)"
 
 
 @torch.no_grad()

@@ -248,8 +248,7 @@ def train(args):
             return 0
     check_writable(args.out, "--out")
     check_writable(checkpoint_path, "--results-dir")
-    # One run writes in a results folder: two would mix their files.
-    with folder_lock(args.results_dir, "--results-dir", hold=MASTER):
+    with folder_lock(args.results_dir, "--results-dir", hold=MASTER):  # one run a folder
         return train_and_save(args, device, resumed, checkpoint_path)
 
 
@@ -336,7 +335,8 @@ def train_and_save(args, device, resumed, checkpoint_path):
 def finish(model, images, train_rows, metrics, args, device, stop, noise):
     """Rank 0's work after the last epoch: the VAE saved, then stage two; exit status."""
     plot_loss_curve(metrics, args.results_dir)
-    save_checkpoint(vae_checkpoint(model), args.out)  # first: Ctrl-C in stage two loses none
+    to_come = "to train" if args.prior_steps else "none asked"  # said by sample_vae.py
+    save_checkpoint(vae_checkpoint(model, prior_status=to_come), args.out)  # Ctrl-C-proof
     last = metrics[-1]
     print(f"VAE done in {last['elapsed_s'] / 60:.1f} min: val PSNR {last['val_psnr']:.2f} "
           f"dB, val KL {last['val_kl']:.0f} nats per image; saved to {args.out}")

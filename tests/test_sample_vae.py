@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import sample_vae
-from conftest import ROOT, grid_pixels, run_script
+from conftest import ROOT, assert_user_error, grid_pixels, run_script
 from image_data import open_rgb, to_model_range, to_square
 from latent_prior import load_prior, sample_prior
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -171,7 +171,8 @@ def test_checkpoint_without_prior_falls_back_to_normal_with_a_note(model_without
     result = run_script("sample_vae.py", "--model", model_without_prior, "--generate", 3, "--seed", 2,
                         "--out", tmp_path / "a.png")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "holds no learned prior" in result.stdout and "N(0, I)" in result.stdout
+    assert "holds no learned prior: train one with `python train_vae.py`" in result.stdout  # an older file: no record
+    assert "N(0, I)" in result.stdout
     run_script("sample_vae.py", "--model", trained["model"], "--generate", 3, "--seed", 2,
                "--prior", "normal", "--out", tmp_path / "b.png")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
@@ -302,3 +303,18 @@ def test_generate_draws_and_decodes_in_batches_the_same_samples(trained, tmp_pat
     assert sizes == [7, 3, 3, 1]
     with Image.open(tmp_path / "a.png") as a, Image.open(tmp_path / "b.png") as b:
         assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+
+
+def test_a_model_without_a_prior_is_told_why_from_what_training_recorded(trained, tmp_path):
+    """A run of --prior-steps 0 records it in its model; a training checkpoint is named as one."""
+    checkpoint = torch.load(trained["model"], weights_only=True)
+    del checkpoint["prior"], checkpoint["guide"]
+    torch.save({**checkpoint, "prior_status": "none asked"}, tmp_path / "no_prior.pth")
+    result = run_script("sample_vae.py", "--model", tmp_path / "no_prior.pth", "--prior", "learned", "--generate", 2,
+                        "--out", tmp_path / "a.png")
+    assert_user_error(result, "holds no learned prior: it was trained with --prior-steps 0",
+                      "python train_vae.py --resume --prior-steps 4000")
+    result = run_script("sample_vae.py", "--model", trained["results"] / "checkpoint.pth", "--generate", 2,
+                        "--out", tmp_path / "b.png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "it is a training checkpoint (after epoch 2); pass --model with the model its run saved" in result.stdout

@@ -487,6 +487,9 @@ def test_ctrl_c_in_stage_two_keeps_the_vae_and_resume_trains_the_prior(tmp_path,
     # The command it prints continues the run as it started, its prior flags included.
     assert f"`python train_vae.py --resume --results-dir {results}`" in stderr
     assert load_vae(out).image_size == 32 and load_prior(out) == (None, None)  # usable, without a prior
+    result = run_script("sample_vae.py", "--model", out, "--prior", "learned", "--generate", 2, "--out", tmp_path / "g.png")
+    assert_user_error(result, "holds no learned prior: its stage two did not finish",
+                      "python train_vae.py --resume` (and the run's --results-dir)")
 
     # --resume after a finished VAE trains only the prior, with the prior flags given now where
     # there are (the guide's steps, given as 0 here, would otherwise be the run's 7).
