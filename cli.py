@@ -163,6 +163,20 @@ def say_few_steps(steps, epochs):
               "smaller --batch-size")
 
 
+def out_of_memory(error, args):
+    """A UserError for an error that says the machine ran out of memory (the CPU's allocator,
+    or a CUDA GPU's), naming the size and batch that did not fit; else None."""
+    text = str(error)
+    cpu = isinstance(error, RuntimeError) and ("can't allocate memory" in text
+                                               or "not enough memory" in text)
+    if not (cpu or isinstance(error, torch.cuda.OutOfMemoryError)):
+        return None
+    where = "GPU" if isinstance(error, torch.cuda.OutOfMemoryError) else "machine"
+    size, batch = getattr(args, "image_size", None), getattr(args, "batch_size", None)
+    return UserError(f"the {where} ran out of memory training at {size} px, batch {batch}; "
+                     "pass a smaller --batch-size or --image-size")
+
+
 def check_writable(path, flag):
     """Say now, not after an hour of training, that `path` cannot be written."""
     if os.path.isdir(path):

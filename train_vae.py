@@ -24,8 +24,8 @@ from tqdm import tqdm
 import distributed
 from cli import (HelpWithDefaults, Parser, UserError, angle, bf16_is_fast, channel_list,
                  check_batch, check_writable, counted, folder_lock, fraction, multiple_of_8,
-                 positive_float, positive_int, run_main, say_few_steps, steps_or_0, stop_on_signals,
-                 typed_flags, unet_width, zero_or_positive)
+                 out_of_memory, positive_float, positive_int, run_main, say_few_steps,
+                 steps_or_0, stop_on_signals, typed_flags, unet_width, zero_or_positive)
 from distributed import MASTER, RANK, WORLD_SIZE
 from image_data import (DEFAULT_CACHE_DIR, cache_path, cached_images, fetch, image_files,
                         images_key, make_augment, place_images, save_png, split,
@@ -146,8 +146,7 @@ def train_one_epoch(model, images, index, epoch, *, optimizer, scheduler, scaler
     model.train()
     batches = my_share(index, shuffle).split(args.batch_size)
     sums = torch.zeros(2, device=device)  # read once at the end: .item() waits for a GPU
-    title = f"epoch {epoch}/{args.epochs}"
-    progress = tqdm(batches, title, leave=False, disable=not MASTER)
+    progress = tqdm(batches, f"epoch {epoch}/{args.epochs}", leave=False, disable=not MASTER)
     for step, pick in enumerate(progress):
         # torchrun kills its workers 30 s after Ctrl-C: no time to end the epoch. (One
         # process ends it: its check is at the epoch's end.)
@@ -286,8 +285,7 @@ def train_and_save(args, device, resumed, checkpoint_path):
           f"latent {args.latent_channels} x {side} x {side}")
     augment = make_augment(args.rotation, args.fit, args.image_size)
     noise_seed = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(16, args.latent_channels, side, side, generator=noise_seed)
-    noise = noise.to(device)
+    noise = torch.randn(16, args.latent_channels, side, side, generator=noise_seed).to(device)
     stop = stop_on_signals()
     started = time.perf_counter() - (metrics[-1]["elapsed_s"] if metrics else 0.0)
 
@@ -404,14 +402,16 @@ def parse_args(argv=None):
 
 
 def main():
+    args = parse_args()
     try:
-        status = train(parse_args())
+        status = train(args)
     except Exception as error:
+        error = out_of_memory(error, args) or error  # a sentence with what to try
         said_elsewhere = not distributed.speaks(error)
         distributed.leave(failed=True)
         if said_elsewhere:
             sys.exit(2)  # another process failed, and said why
-        raise
+        raise error
     distributed.leave()
     return status
 

@@ -4,6 +4,8 @@ fault, or to count what the processes do; named by the environment variable PATC
     diverge-on-rank-0   rank 0's validation loss becomes nan in epoch 2 (others see no fault)
     no-data-on-rank-1   rank 1's --data names a folder that is not there (a second machine's)
     oom-on-rank-1       rank 1 runs out of GPU memory in epoch 2
+    gpu-out-of-memory   every process runs out of GPU memory in epoch 2
+    cpu-out-of-memory   the CPU's allocator fails in the first epoch, as under ulimit -v
     count-decodes       each process that decodes images into the cache writes its rank in the
                         file DECODE_LOG names
 """
@@ -29,13 +31,18 @@ if PATCH == "diverge-on-rank-0":
     train_vae.check_finite = check_finite
 elif PATCH == "no-data-on-rank-1" and RANK == 1:
     sys.argv[sys.argv.index("--data") + 1] = "/nowhere/pokemon"
-elif PATCH == "oom-on-rank-1" and RANK == 1:
+elif PATCH == "gpu-out-of-memory" or PATCH == "oom-on-rank-1" and RANK == 1:
     real_epoch = train_vae.train_one_epoch
 
     def train_one_epoch(model, images, index, epoch, **state):
         if epoch == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_epoch(model, images, index, epoch, **state)
+    train_vae.train_one_epoch = train_one_epoch
+elif PATCH == "cpu-out-of-memory":
+    def train_one_epoch(*args, **state):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 8589934592 bytes. Error code 12")
     train_vae.train_one_epoch = train_one_epoch
 elif PATCH == "count-decodes":
     real_build = image_data.build_cache

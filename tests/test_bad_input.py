@@ -361,3 +361,14 @@ def test_an_image_over_the_pixel_limit_is_named_with_its_size_when_skipped_and_r
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"skipping 1 image too large: {big} (14000 x 14000 px, over the limit of 100 megapixels)" in result.stdout
     assert "skipped 1 file(s)" in result.stdout and "DecompressionBomb" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("patch, where", [("cpu-out-of-memory", "machine"), ("gpu-out-of-memory", "GPU")])
+def test_out_of_memory_is_one_sentence_naming_the_size_and_the_batch(image_folder, tmp_path, patch, where):
+    """The CPU's allocator failing (as under ulimit -v) or a CUDA GPU's, in a plain run."""
+    env = {"PATCH": patch}
+    result = run_script(os.path.join("tests", "patched_run.py"), "--data", image_folder, "--image-size", 32,
+                        "--epochs", 3, "--batch-size", 4, "--device", "cpu", "--prior-steps", 0,
+                        "--results-dir", tmp_path / "r", "--out", tmp_path / "m.pth", env=env)
+    assert_user_error(result, f"the {where} ran out of memory training at 32 px, batch 4",
+                      "pass a smaller --batch-size or --image-size")

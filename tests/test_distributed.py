@@ -315,5 +315,6 @@ def test_out_of_memory_in_one_process_is_not_trained_again_under_max_restarts(tm
                       "--out", tmp_path / "m.pth", env={"PATCH": "oom-on-rank-1"},
                       torchrun_flags=("--max-restarts", "1"))
     assert result.returncode != 0
-    assert result.stderr.count("OutOfMemoryError: CUDA out of memory") == 1, result.stderr[-3000:]
+    assert result.stderr.count("error: the GPU ran out of memory training at 32 px, batch 2") == 1, result.stderr[-3000:]
+    assert worker_tracebacks(result.stderr) == 0, result.stderr[-3000:]
     assert result.stdout.count("epoch   1/1000") == 1  # trained once: the restart stopped at once
