@@ -150,16 +150,14 @@ def prior_loss(prior, z0):
 
 # --- Training ---------------------------------------------------------------------------------
 @torch.no_grad()
-def latent_means(model, images, index, device, batch_size=32):
+def latent_means(model, batches):
     """What the prior learns from: the VAE's latent means (not samples: the decoder ignores
-    the posterior's noise) of images[index] (uint8) and of their mirrors, never of augmented
-    images (the prior would draw their tilted frames and grey backgrounds)."""
+    the posterior's noise) of the images in `batches` (in [-1, 1]) and of their mirrors, never
+    of augmented images (the prior would draw their tilted frames and grey backgrounds)."""
     model.eval()
     mus = []
-    for pick in index.split(batch_size):
-        batch = images[pick].to(device)
+    for batch in batches:
         for x in (batch, batch.flip(-1)):
-            x = x.float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1], as the VAE was trained
             mus.append(model.encode(x.contiguous(memory_format=torch.channels_last))[0])
     return torch.cat(mus).float()
 

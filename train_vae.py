@@ -5,10 +5,10 @@ Train the VAE of vae_model.py on Pokémon images, then a learned prior over its 
     python train_vae.py --data path/to/folder    # any folder of images, offline
     torchrun --standalone --nproc_per_node 4 train_vae.py   # one model, 4 GPUs (DDP)
 
-Read top to bottom: settings, data, an epoch, evaluation and pictures, stage two (the
-prior of latent_prior.py), and train(), which runs them in that order; faults; the
-command line. What the processes under torchrun ask of each other is in distributed.py:
-every process makes each call into it, each call a statement of its own.
+Read top to bottom: settings, data, an epoch, evaluation, stage two (the prior of
+latent_prior.py), and train(), which runs them in that order (report.py writes what each
+epoch shows); faults; the command line. What the processes under torchrun ask of each
+other is in distributed.py: every process makes each call, each a statement of its own.
 """
 import argparse
 import math
@@ -193,10 +193,10 @@ def evaluate(model, images, device, kl_weight, batch_size=32):
 
 # --- Stage two: a learned prior over the trained VAE's latent space -------------------
 def stage_two(model, images, index, args, device, stop, noise):
-    """Fit the prior, then its smaller guide, to the latent means of the training images
-    and their mirrors (latent_means); False on Ctrl-C."""
+    """Fit the prior, then its guide, to the training images' latent means; False on Ctrl-C."""
     tick = time.perf_counter()
-    mus = latent_means(model, images, index, device)
+    batches = (to_model_range(images[pick].to(device)) for pick in index.split(32))
+    mus = latent_means(model, batches)
     generator, fits = torch.Generator().manual_seed(args.seed), []
     use_amp = args.use_amp and args.amp_dtype == "bfloat16"
     fits_to_make = ((args.prior_width, args.prior_steps, "learned prior"),

@@ -17,23 +17,17 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from bench_memory import folder_of_copies  # noqa: E402
 from image_data import FINGERPRINT_BYTES, image_files, images_key  # noqa: E402
 
 
 def distinct_folder(data, copies, root):
     """A folder of `copies` copies of every image of `data`, each with bytes of its own."""
-    folder = os.path.join(root, f"{copies}x")
-    if not os.path.isdir(folder):
-        names = sorted(name for name in os.listdir(data) if not name.startswith("."))
-        os.makedirs(folder + ".part", exist_ok=True)
-        for k in range(copies):
-            for name in names:
-                with open(os.path.join(data, name), "rb") as source:
-                    data_bytes = source.read()
-                with open(os.path.join(folder + ".part", f"{k:02d}_{name}"), "wb") as copy:
-                    copy.write(data_bytes + f"copy {k}".encode())
-        os.rename(folder + ".part", folder)
-    return folder
+    def copy(source, target, k):
+        with open(source, "rb") as original, open(target, "wb") as new:
+            new.write(original.read() + f"copy {k}".encode())
+    return folder_of_copies(data, copies, root, copy)
 
 
 def drop_from_page_cache(files):

@@ -26,19 +26,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = re.compile(r"epoch 1/1:.*?\|\s*(\d+)/\d+ \[")
 
 
-def linked_folder(data, copies, root):
-    """A folder of `copies` hard links to every image of `data`, built once."""
+def folder_of_copies(data, copies, root, copy):
+    """root/{copies}x: `copies` of every image of `data`, made by copy(source, target, k) under
+    distinct names, built once (a folder cut short by a stop is built again)."""
     folder = os.path.join(root, f"{copies}x")
     if not os.path.isdir(folder):
         names = sorted(name for name in os.listdir(data) if not name.startswith("."))
         os.makedirs(folder + ".part", exist_ok=True)
         for k in range(copies):
             for name in names:
-                link = os.path.join(folder + ".part", f"{k:02d}_{name}")
-                if not os.path.exists(link):
-                    os.link(os.path.join(data, name), link)
+                target = os.path.join(folder + ".part", f"{k:02d}_{name}")
+                if not os.path.exists(target):
+                    copy(os.path.join(data, name), target, k)
         os.rename(folder + ".part", folder)
     return folder
+
+
+def linked_folder(data, copies, root):
+    """A folder of `copies` hard links to every image of `data`: the disk holds them once."""
+    return folder_of_copies(data, copies, root, lambda source, target, k: os.link(source, target))
 
 
 def rss_anon(pid):
