@@ -121,6 +121,11 @@ def open_rgb(file):
         raise TooLarge(f"{image.width} x {image.height} px, over the limit of "
                        f"{MAX_PIXELS / 1e6:.0f} megapixels")
     image.load()  # decode now, so that a truncated file fails here and not later
+    return to_rgb(image)
+
+
+def to_rgb(image):
+    """A PIL image of any mode as RGB on a white background, upright."""
     image = ImageOps.exif_transpose(image)  # a photo stored sideways, turned as viewers show it
     if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grey: scale to 8 bits
         scale = 255 / 65535 if image.mode.startswith("I") else 255
@@ -140,13 +145,20 @@ def to_square(image, size, fit="pad"):
 
 
 def square_pixels(file, size, fit):
-    """One image file as a uint8 tensor (3, size, size): what training and sampling both see."""
+    """One image (a file's path, a file object, a PIL image) as a uint8 tensor (3, size, size):
+    what training and sampling both see."""
     from torchvision.transforms.v2.functional import pil_to_tensor  # torchvision: where used
-    return pil_to_tensor(to_square(open_rgb(file), size, fit))
+    image = to_rgb(file) if isinstance(file, Image.Image) else open_rgb(file)
+    return pil_to_tensor(to_square(image, size, fit))
 
 
 def to_model_range(batch_uint8):
     return batch_uint8.float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1], as tanh outputs
+
+
+def to_uint8(batch):
+    """[-1, 1] -> [0, 255], rounded as torchvision's save_image rounds: what a PNG holds."""
+    return batch.float().add(1).div(2).clamp(0, 1).mul(255).add(0.5).to(torch.uint8)
 
 
 # --- The images' identity: their names and bytes, wherever the folder lies ---------------------
@@ -189,14 +201,41 @@ def cached_images(files, size, fit, source, cache_dir, path=None):
         print(f"decoding {counted(len(files), 'file')} once, at {size} px ({fit}), into {path}")
         images = build_cache(files, size, fit, path)
     used(path)
-    skipped = len(files) - len(images)
     print(f"{counted(len(images), 'image')} at {size} px ({fit}) cached in {path}"
-          + (f"; skipped {skipped} file(s) that are not readable images" if skipped else ""))
+          + skipped_files(files, len(images)))
     if len(images) < 2:
         remove(path)  # no cache is left of a folder that cannot be trained on
         raise UserError(f"{source} holds {len(images)} readable image(s) and at least 2 are "
                         "needed; add images or pass another folder")
     return torch.from_numpy(images)
+
+
+def skipped_files(files, kept):
+    """The end of the cache's line: how many files were skipped, the too large named. Found
+    again from the headers on each run, as the cache keeps the images only, not who is missing."""
+    if kept == len(files):
+        return ""
+    too_large = []
+    for file in files:
+        try:
+            with Image.open(as_file(file)) as image:  # the header only: nothing decoded
+                width, height = image.size
+        except UNREADABLE:
+            continue
+        if width * height > MAX_PIXELS:
+            name = "an image of the Hub" if isinstance(file, bytes) else file
+            too_large.append(f"{name} ({width} x {height} px)")
+    unreadable = len(files) - kept - len(too_large)
+    reasons = [counted(unreadable, "file") + " not readable as an image"] if unreadable else []
+    if too_large:
+        reasons.append(f"{len(too_large)} over the limit of {MAX_PIXELS / 1e6:.0f} megapixels: "
+                       + ", ".join(too_large))
+    return f"; skipped {len(files) - kept} file(s): " + "; ".join(reasons)
+
+
+def as_file(file):
+    """A path, or a Hub image's bytes as a file object: what PIL opens."""
+    return io.BytesIO(file) if isinstance(file, bytes) else file
 
 
 def cache_path(key, size, fit, source, cache_dir):
@@ -220,21 +259,13 @@ def build_cache(files, size, fit, path):
     folder, shape = os.path.dirname(path), (3, size, size)
     def write(tmp):
         out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(files),) + shape)
-        count, too_large = 0, []
+        count = 0
         for file in tqdm(files, desc=f"caching images at {size} px", leave=False):
             try:
-                pixels = square_pixels(io.BytesIO(file) if isinstance(file, bytes) else file,
-                                       size, fit)
-            except TooLarge as error:
-                too_large.append(f"{'an image of the Hub' if isinstance(file, bytes) else file} "
-                                 f"({error})")
+                out[count] = square_pixels(as_file(file), size, fit).numpy()
+            except UNREADABLE:  # TooLarge too: skipped_files names those
                 continue
-            except UNREADABLE:
-                continue
-            out[count] = pixels.numpy()
             count += 1
-        if too_large:
-            print(f"skipping {counted(len(too_large), 'image')} too large: {'; '.join(too_large)}")
         if count < len(files):  # the readable images only, in a file their size
             part = np.lib.format.open_memmap(tmp + ".part", "w+", np.uint8, (count,) + shape)
             part[:] = out[:count]
@@ -353,9 +384,10 @@ def picture_format(path):
 
 
 def save_png(images, path, nrow=8):
-    """A grid of images in [-1, 1] as a PNG (a JPEG if the name says so), written whole or
-    not at all."""
-    from torchvision.utils import save_image
-    grid = dict(nrow=nrow, normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
-    kind = picture_format(path)
-    atomic_write(path, lambda tmp: save_image(images.float(), tmp, format=kind, **grid))
+    """A grid of images, in [-1, 1] or uint8, as a PNG (a JPEG if the name says so), written
+    whole or not at all."""
+    from torchvision.transforms.v2.functional import to_pil_image
+    from torchvision.utils import make_grid
+    pixels = images if images.dtype == torch.uint8 else to_uint8(images)
+    grid = to_pil_image(make_grid(pixels.cpu(), nrow=nrow, padding=2, pad_value=255))
+    atomic_write(path, lambda tmp: grid.save(tmp, format=picture_format(path)))

@@ -14,16 +14,16 @@ import os
 import sys
 
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
 from cli import (HelpWithDefaults, UserError, check_writable, checked, pick_device, positive_float,
                  positive_int, run_main)
 from image_data import (DEFAULT_CACHE_DIR, PICTURE_FORMATS, UNREADABLE, TooLarge,
-                        cached_images, image_files, picture_format, save_png, square_pixels,
-                        to_model_range)
+                        cached_images, image_files, open_rgb, picture_format, save_png)
 import latent_prior
-from latent_prior import load_prior, sample_prior
-from vae_model import CheckpointError, atomic_write, load_checkpoint, load_vae, psnr, vae_loss
+import vae_api
+from vae_api import SHIPPED_MODEL, encode_means, principal_axes
+from vae_model import CheckpointError, atomic_write, load_checkpoint, psnr, vae_loss
 
 # -----------------------------------------------------------------------------------------------
 MODEL_PATH = "vae_model.pth"                 # checkpoint written by train_vae.py
@@ -38,17 +38,28 @@ GUIDANCE = latent_prior.GUIDANCE          # autoguidance by the prior's guide (1
 GUIDANCE_INTERVAL = latent_prior.GUIDANCE_INTERVAL  # noise levels t where it acts (0.2-0.7)
 TEMPERATURE = 1.0               # spread of the prior's noise: below 1, flatter, paler samples
 SEED = 0                        # seeds the latents drawn by --generate
-GENERATE_BATCH = 64             # samples drawn and decoded at once by --generate
 CACHE_DIR = DEFAULT_CACHE_DIR   # decoded images of --latent-map, --data: train_vae.py's cache
+MAP_THUMBNAIL = 24              # side of each image on --latent-map, px (larger when few)
 # -----------------------------------------------------------------------------------------------
 
 
-def load_model(path, device, loader=load_vae):
+def model_path(given):
+    """--model if given; else vae_model.pth where there is one; else the shipped model, said."""
+    if given or os.path.exists(MODEL_PATH):
+        return given or MODEL_PATH
+    shipped = os.path.relpath(SHIPPED_MODEL)
+    print(f"using the shipped model {shipped} (Pokémon at 128 px), as there is no {MODEL_PATH} "
+          "here; train your own with `python train_vae.py`")
+    return shipped
+
+
+def load_model(path, device):
+    """The model, its learned prior and its guide (vae_api.Trained), or one sentence why not."""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, not a model; pass --model with the path of a "
                         "file that train_vae.py wrote (vae_model.pth)")
     try:
-        return loader(path, map_location=device)
+        return vae_api.load(path, device)
     except FileNotFoundError:
         raise UserError(f"there is no trained model at {path}; run `python train_vae.py` first "
                         "or pass --model with the path of one") from None
@@ -56,38 +67,32 @@ def load_model(path, device, loader=load_vae):
         raise UserError(f"{error}; pass --model with a checkpoint of train_vae.py") from error
 
 
-def load_image(path, model, flag="--image"):
-    """One image as a (1, 3, size, size) tensor in [-1, 1], prepared as the training images."""
+def open_picture(path, flag="--image"):
+    """An image file as an RGB PIL image, or one sentence on what is wrong with it."""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, not an image; pass {flag} with the path of an "
                         "image file")
     if not os.path.isfile(path):
         raise UserError(f"the image {path} does not exist; pass {flag} with the path of an image")
     try:
-        pixels = square_pixels(path, model.image_size, model.fit)
+        return open_rgb(path)
     except TooLarge as error:
         raise UserError(f"{path} is too large: {error}; pass a smaller image") from None
     except UNREADABLE as error:  # the same files the cache skips
         raise UserError(f"{path} is not a readable image ({type(error).__name__}); "
                         "pass a PNG or JPEG file") from error
-    return to_model_range(pixels.unsqueeze(0))
 
 
-def load_folder(folder, model, flag, cache_dir=CACHE_DIR):
+def load_folder(folder, vae, flag, cache_dir=CACHE_DIR):
+    """A folder's images as uint8 (N, 3, size, size), memory-mapped from training's cache: read
+    from disk a batch at a time, so memory stays flat in the number of images."""
     if os.path.isfile(folder):
         raise UserError(f"{folder} is a file, not a folder; pass {flag} with a folder of images")
     if not os.path.isdir(folder):
         raise UserError(f"the folder {folder} does not exist; pass {flag} with an existing "
                         "folder of images")
     files = image_files(folder, flag)
-    images = cached_images(files, model.image_size, model.fit, folder, cache_dir)
-    return to_model_range(images)
-
-
-@torch.no_grad()
-def encode_means(model, images, batch_size=32):
-    """The latent means of many images, a batch at a time."""
-    return torch.cat([model.encode(batch)[0] for batch in images.split(batch_size)])
+    return cached_images(files, vae.image_size, vae.fit, folder, cache_dir)
 
 
 def to_picture(tensor):
@@ -105,6 +110,12 @@ def show_or_save(fig, path, show):
     plt.close(fig)
 
 
+def as_tensor(pictures):
+    """PIL images -> uint8 (N, 3, H, W), as grids take them."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+    return torch.stack([pil_to_tensor(picture) for picture in pictures])
+
+
 def save_grid(images, path, nrow, show):
     save_png(images, path, nrow)
     print(f"saved {path}")
@@ -118,9 +129,9 @@ def save_grid(images, path, nrow, show):
 # --- Default mode: reconstruct one image and show its latent ----------------------------------
 @torch.no_grad()
 def reconstruct(model, args, device, show):
-    x = load_image(args.image, model).to(device)
-    mu, log_var = model.encode(x)
-    recon = model.decode(mu)  # decoding the mean, not a sample: the model's best guess
+    x = vae_api.to_input(model, open_picture(args.image))  # as training saw it, in [-1, 1]
+    mu, log_var = model.vae.encode(x)
+    recon = model.vae.decode(mu)  # decoding the mean, not a sample: the model's best guess
     kl = vae_loss(recon, x, mu, log_var)[2]  # the same closed form as in training
     print(f"reconstruction PSNR {psnr(recon, x):.2f} dB (KL {kl.item():.0f} nats)")
     channels = mu.shape[1]
@@ -142,31 +153,24 @@ def reconstruct(model, args, device, show):
 
 
 # --- --generate: decode latents drawn from a prior --------------------------------------------
-def fit_data_prior(model, images):
+def fit_data_prior(vae, pixels, device):
     """A diagonal Gaussian fitted to real images' latent means (ex-post density estimation, Ghosh
     et al. 2020): samples where the encoder puts images, which N(0, I) only approximates."""
-    mus = encode_means(model, images)
-    return mus.mean(0), mus.std(0)
+    mus = encode_means(vae, pixels)
+    return mus.mean(0).to(device), mus.std(0).to(device)
 
 
-def draw_latents(n, mean, std, seed):
-    eps = torch.randn((n,) + tuple(mean.shape), generator=torch.Generator().manual_seed(seed))
-    return mean + std * eps.to(mean.device)
-
-
-def pick_prior(args, device):
-    """(name, learned prior, its guide); a note where the model has no learned prior."""
-    if args.prior not in (None, "learned"):
-        return args.prior, None, None
-    prior, guide = load_model(args.model, device, loader=load_prior)
-    if prior is not None:  # without a guide (--prior-guide-steps 0): no autoguidance, as it says
-        return "learned", prior, guide
-    why = why_no_prior(args.model)
+def pick_prior(model, args):
+    """The prior --generate draws from: "learned", "normal" or "data"; a note where the model
+    has no learned prior."""
+    if args.prior not in (None, "learned") or model.prior is not None:
+        return args.prior or "learned"  # without a guide (--prior-guide-steps 0): unguided
+    why = why_no_prior(model.path)
     if args.prior == "learned":
-        raise UserError(f"{args.model} holds no learned prior: {why}; or pass --prior normal "
+        raise UserError(f"{model.path} holds no learned prior: {why}; or pass --prior normal "
                         "or --prior data")
-    print(f"note: {args.model} holds no learned prior: {why}; sampling from N(0, I) instead")
-    return "normal", None, None
+    print(f"note: {model.path} holds no learned prior: {why}; sampling from N(0, I) instead")
+    return "normal"
 
 
 def why_no_prior(path):
@@ -187,73 +191,67 @@ def why_no_prior(path):
 
 @torch.no_grad()
 def generate(model, args, device, show):
-    shape = (model.config["latent_channels"], model.image_size // 8, model.image_size // 8)
-    name, prior, guide = pick_prior(args, device)
+    name = pick_prior(model, args)
+    gaussian = None  # the learned prior
     if name == "data":
-        images = load_folder(args.data, model, "--data", args.cache_dir).to(device)
-        mean, std = fit_data_prior(model, images)
-    else:
-        mean, std = torch.zeros(shape, device=device), torch.ones(shape, device=device)
+        pixels = load_folder(args.data, model.vae, "--data", args.cache_dir)
+        gaussian = fit_data_prior(model.vae, pixels, device)
+    elif name == "normal":
+        gaussian = (0.0, 1.0)
     # Below 1, the noise is drawn nearer its centre (reduced-temperature sampling, as in Glow,
     # Kingma and Dhariwal 2018): flatter, paler samples, at the cost of the texture distance.
-    z = draw_latents(args.generate, mean, std * args.temperature, args.seed)  # all at once
-    samples = []
-    for part in z.split(GENERATE_BATCH):  # memory stays flat in the number of samples
-        if prior is not None:  # the learned prior turns the noise into a latent, step by step
-            part = sample_prior(prior, part, args.sample_steps, guide, args.guidance,
-                                args.guidance_interval)
-        samples.append(model.decode(part).cpu())
+    pictures = vae_api.generate(model, args.generate, args.seed, args.temperature, gaussian,
+                                args.sample_steps, args.guidance, args.guidance_interval)
+    guided = name == "learned" and model.guide is not None and args.guidance != 1
     line = f"{args.generate} samples from the {name} prior"
-    line += f", autoguidance {args.guidance:g}" if guide is not None and args.guidance != 1 else ""
+    line += f", autoguidance {args.guidance:g}" if guided else ""
     print(line + (f", temperature {args.temperature:g}" if args.temperature != 1 else ""))
-    save_grid(torch.cat(samples), args.out, min(8, args.generate), show)
+    save_grid(as_tensor(pictures), args.out, min(8, args.generate), show)
 
 
 # --- --interpolate: walk the straight line between two images' latent means -------------------
-@torch.no_grad()
-def interpolation(model, a, b, steps):
-    mu_a, mu_b = model.encode(a)[0], model.encode(b)[0]
-    t = torch.linspace(0, 1, steps, device=a.device).view(-1, 1, 1, 1)
-    return model.decode((1 - t) * mu_a + t * mu_b)
-
-
 def interpolate(model, args, device, show):
-    a, b = (load_image(path, model, "--interpolate").to(device) for path in args.interpolate)
-    frames = interpolation(model, a, b, args.steps)
-    pictures = [Image.fromarray((to_picture(f) * 255).round().astype("uint8")) for f in frames]
-    pictures += pictures[-2:0:-1]  # there and back, so that the GIF loops without a jump
+    a, b = (open_picture(path, "--interpolate") for path in args.interpolate)
+    frames = vae_api.interpolate(model, a, b, args.steps)
+    pictures = frames + frames[-2:0:-1]  # there and back, so that the GIF loops without a jump
     # Two files, two names: --out names one (the GIF if it ends in .gif), the other lies beside.
     stem, animated = os.path.splitext(args.out)[0], args.out.lower().endswith(".gif")
     gif, strip = (args.out, stem + ".png") if animated else (stem + ".gif", args.out)
     atomic_write(gif, lambda tmp: pictures[0].save(tmp, format="GIF", save_all=True, loop=0,
                                                    append_images=pictures[1:], duration=120))
     print(f"saved {gif}")
-    save_grid(frames, strip, args.steps, show)
+    save_grid(as_tensor(frames), strip, args.steps, show)
 
 
 # --- --latent-map: every image of a folder at its place in the latent space (PCA to 2-D) ------
 def latent_positions(mus):
-    """Each latent mean's coordinates on the first two right-singular vectors of the centred
-    means; an axis has no sign of its own: each is turned so its largest loading is positive."""
+    """Each latent mean's coordinates on the first two principal directions of all of them."""
     flat = mus.flatten(1).cpu().double()
-    centred = flat - flat.mean(0)
-    v = torch.linalg.svd(centred, full_matrices=False).Vh[:2].T
-    largest = v[v.abs().argmax(0), torch.arange(2)]  # each axis's largest loading
-    return (centred @ (v * torch.sign(largest))).float()
+    axes, _ = principal_axes(mus.cpu(), 2)
+    return ((flat - flat.mean(0)) @ axes.T).float()
+
+
+def thumbnails(pixels, side, batch_size=64):
+    """Every image at side x side px, uint8 (N, side, side, 3): what a map can show of each."""
+    resize = lambda x: F.interpolate(x.float(), size=side, mode="area")  # noqa: E731
+    small = [resize(batch).round().byte() for batch in pixels.split(batch_size)]
+    return torch.cat(small).permute(0, 2, 3, 1).numpy()
 
 
 def latent_map(model, args, device, show):
-    images = load_folder(args.latent_map, model, "--latent-map", args.cache_dir).to(device)
-    xy = latent_positions(encode_means(model, images)).numpy()
+    pixels = load_folder(args.latent_map, model.vae, "--latent-map", args.cache_dir)
+    xy = latent_positions(encode_means(model.vae, pixels)).numpy()
+    # Many images at MAP_THUMBNAIL px, so memory stays small in their number; a few drawn larger.
+    shown = MAP_THUMBNAIL * max(1.0, 20 / len(pixels) ** 0.5)
+    side = min(model.vae.image_size, round(shown))
     import matplotlib.pyplot as plt
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
     fig, axis = plt.subplots(figsize=(12, 12))
     axis.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0)  # sets the axis limits
-    zoom = 24 / model.image_size * max(1.0, 20 / len(images) ** 0.5)
-    for (x, y), image in zip(xy, images):
-        thumbnail = OffsetImage(to_picture(image), zoom=zoom)
-        axis.add_artist(AnnotationBbox(thumbnail, (x, y), frameon=False))
-    axis.set(title=f"{len(images)} images placed by the first two principal components of their "
+    for (x, y), thumbnail in zip(xy, thumbnails(pixels, side)):
+        axis.add_artist(AnnotationBbox(OffsetImage(thumbnail, zoom=shown / side), (x, y),
+                                       frameon=False))
+    axis.set(title=f"{len(pixels)} images placed by the first two principal components of their "
              "latent means", xlabel="PC 1", ylabel="PC 2")
     show_or_save(fig, args.out, show)
 
@@ -263,7 +261,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Reconstruct, generate and explore with a trained VAE.",
                                 formatter_class=HelpWithDefaults)
     add = p.add_argument
-    add("--model", default=MODEL_PATH, help="checkpoint written by train_vae.py")
+    add("--model", help=f"checkpoint written by train_vae.py (default: {MODEL_PATH} if there is "
+        "one, else the shipped model in pretrained/)")
     add("--image", default=os.path.join(os.path.dirname(__file__), IMAGE_PATH),
         help="image to reconstruct (default mode)")
     add("--out", help="where to save the figure (default: per mode, in vae_results/)")
@@ -338,7 +337,7 @@ def main():
     def run():
         check_suffix(args.out, gif=mode is interpolate)  # before any work
         device = pick_device(args.device)
-        model = load_model(args.model, device)
+        model = load_model(model_path(args.model), device)
         check_writable(args.out, "--out")  # before the work, which may take a minute
         mode(model, args, device, show)
     run_main(run)

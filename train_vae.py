@@ -34,6 +34,7 @@ from latent_prior import fit_prior, latent_means, sample_prior
 from report import plot_loss_curve, report
 from resume import (finished, restore, resume_command, resume_settings, say_interrupted,
                     training_checkpoint)
+from vae_api import encode_means, latent_atlas
 from vae_model import VAE, psnr, save_checkpoint, vae_checkpoint, vae_loss
 
 # --------------------------------------------------------------------------------------
@@ -121,8 +122,7 @@ def load_data(args, device):
         lambda: cached_images(files, size, fit, args.data, args.cache_dir, path))
     torch.manual_seed(args.seed)
     train_rows, val_rows = split(len(images), args.val_fraction, args.seed)
-    print(f"{len(train_rows)} training and {len(val_rows)} validation images from "
-          f"{args.data}")
+    print(f"{len(train_rows)} training and {len(val_rows)} validation images from {args.data}")
     val_images = images[val_rows].to(device)
     images, train_rows = place_images(images, train_rows, device)
     if device.type == "cuda":  # TF32 for the float32 matmuls that autocast leaves
@@ -192,7 +192,7 @@ def evaluate(model, images, device, kl_weight, batch_size=32):
 
 
 # --- Stage two: a learned prior over the trained VAE's latent space -------------------
-def stage_two(model, images, index, args, device, stop, noise):
+def stage_two(model, images, index, args, device, stop, noise, atlas):
     """Fit the prior, then its guide, to the training images' latent means; False on Ctrl-C."""
     tick = time.perf_counter()
     batches = (to_model_range(images[pick].to(device)) for pick in index.split(32))
@@ -213,7 +213,7 @@ def stage_two(model, images, index, args, device, stop, noise):
                   f"its prior, run `{again}`", file=sys.stderr)
             return False
         fits.append(fit)
-    checkpoint = vae_checkpoint(model, *fits)
+    checkpoint = vae_checkpoint(model, *fits, atlas=atlas)
     checkpoint["prior"]["seconds"] = time.perf_counter() - tick  # for bench_samples.py
     save_checkpoint(checkpoint, args.out)
     with torch.no_grad():
@@ -274,8 +274,7 @@ def train_and_save(args, device, resumed, checkpoint_path):
     if resumed:  # everything that changes in training: the run goes on exactly
         state = (model, optimizer, scheduler, scaler, shuffle)
         saved_epoch, metrics = restore(resumed, *state, device)
-        print(f"resuming after epoch {saved_epoch} of {args.epochs} from "
-              f"{checkpoint_path}")
+        print(f"resuming after epoch {saved_epoch} of {args.epochs} from {checkpoint_path}")
     step_model = torch.compile(model) if args.compile else model  # same weights, compiled
     if WORLD_SIZE > 1:  # DDP averages the gradients over the processes during backward
         gpu = [device.index] if device.type == "cuda" else None
@@ -334,12 +333,13 @@ def finish(model, images, train_rows, metrics, args, device, stop, noise):
     """Rank 0's work after the last epoch: the VAE saved, then stage two; exit status."""
     plot_loss_curve(metrics, args.results_dir)
     to_come = "to train" if args.prior_steps else "none asked"  # said by sample_vae.py
-    save_checkpoint(vae_checkpoint(model, prior_status=to_come), args.out)  # Ctrl-C-proof
+    atlas = latent_atlas(encode_means(model, images[train_rows]))  # for explore_vae.py
+    save_checkpoint(vae_checkpoint(model, prior_status=to_come, atlas=atlas), args.out)
     last = metrics[-1]
     print(f"VAE done in {last['elapsed_s'] / 60:.1f} min: val PSNR {last['val_psnr']:.2f} "
           f"dB, val KL {last['val_kl']:.0f} nats per image; saved to {args.out}")
     if args.prior_steps:
-        if not stage_two(model, images, train_rows, args, device, stop, noise):
+        if not stage_two(model, images, train_rows, args, device, stop, noise, atlas):
             return 130
     print(f"pictures and metrics in {args.results_dir}/")
     return 0

@@ -156,13 +156,16 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, foreign or does not fit its own config."""
 
 
-def vae_checkpoint(model, prior=None, guide=None, prior_status=None):
+def vae_checkpoint(model, prior=None, guide=None, prior_status=None, atlas=None):
     """Config and weights of the model (and of the learned prior and its guide, if given);
-    prior_status: why there is no prior yet ("to train", "none asked")."""
+    prior_status: why there is no prior yet ("to train", "none asked"); atlas: tensors that
+    describe the training latents (vae_api.latent_atlas), for the explorer page."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the real one
     checkpoint = {"config": dict(model.config), "model": model.state_dict()}
     if prior_status is not None:
         checkpoint["prior_status"] = prior_status
+    if atlas is not None:
+        checkpoint["atlas"] = atlas
     for name, part in (("prior", prior), ("guide", guide)):
         if part is not None:
             checkpoint[name] = {"config": dict(part.config), "model": part.state_dict()}

@@ -37,7 +37,8 @@ import cli  # noqa: E402
 import image_data  # noqa: E402
 import sample_vae  # noqa: E402
 import train_vae  # noqa: E402
-from latent_prior import load_prior, sample_prior  # noqa: E402
+import vae_api  # noqa: E402
+from latent_prior import sample_prior  # noqa: E402
 
 SAMPLES = 256          # samples per row (and real images in the floor row)
 LAYOUT_SIZE = 32       # px, side of the images the layout distance compares
@@ -150,10 +151,10 @@ def copy_ratio(samples, unseen, train_images):
 # The priors: each returns SAMPLES latents; fitting and drawing are timed apart
 # ---------------------------------------------------------------------------------------
 
-def pca_gaussian(model, train_images):
+def pca_gaussian(model, train_pixels):
     """The alternative: a full-covariance Gaussian over the flattened latent means in their
     first principal components (ex-post density estimation, Ghosh et al. 2020)."""
-    mus = sample_vae.encode_means(model, train_images)
+    mus = vae_api.encode_means(model, train_pixels)
     flat = mus.flatten(1)
     mean = flat.mean(0)
     torch.manual_seed(0)
@@ -168,17 +169,17 @@ def pca_gaussian(model, train_images):
     return draw
 
 
-def priors(model, prior, guide, train_images, args):
+def priors(model, prior, guide, train_pixels, args):
     """name -> (fit seconds or None, draw(n, generator) -> latents)."""
     shape = (model.config["latent_channels"], model.image_size // 8, model.image_size // 8)
     normal = lambda n, g: torch.randn((n,) + shape, generator=g)  # noqa: E731
     rows = {"N(0, I)": (0.0, normal)}
     tick = time.perf_counter()
-    mean, std = sample_vae.fit_data_prior(model, train_images)
+    mean, std = sample_vae.fit_data_prior(model, train_pixels, "cpu")
     rows["diagonal data prior"] = (time.perf_counter() - tick,
-                                   lambda n, g: sample_vae.draw_latents(n, mean, std, g.initial_seed()))
+                                   lambda n, g: mean + std * torch.randn((n,) + shape, generator=g))
     tick = time.perf_counter()
-    draw = pca_gaussian(model, train_images)
+    draw = pca_gaussian(model, train_pixels)
     rows["PCA Gaussian"] = (time.perf_counter() - tick, draw)
     if prior is not None and guide is not None and args.guidance != 1:
         rows["learned prior without autoguidance"] = (
@@ -212,15 +213,15 @@ def main():
                    help="draw only the priors whose row name holds TEXT, like '(chosen)' (the real rows always)")
     args = p.parse_args()
     try:
-        model = sample_vae.load_model(args.model, "cpu")
-        prior, guide = sample_vae.load_model(args.model, "cpu", loader=load_prior)
-        images = sample_vae.load_folder(args.data, model, "--data")
+        model, prior, guide, _ = sample_vae.load_model(args.model, "cpu")
+        pixels = sample_vae.load_folder(args.data, model, "--data")
     except cli.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     if prior is not None:
         prior.seconds = torch.load(args.model, weights_only=True)["prior"].get("seconds", float("nan"))
-    train_rows, unseen_rows = image_data.split(len(images), args.val_fraction, args.seed)
+    train_rows, unseen_rows = image_data.split(len(pixels), args.val_fraction, args.seed)
+    images = image_data.to_model_range(pixels)  # what the features compare
     train_images, unseen = images[train_rows], images[unseen_rows]
     print(f"{len(train_images)} training images, {len(unseen)} unseen; {args.samples} samples per row")
     layout, texture = LayoutFeatures(train_images), TextureFeatures(train_images)
@@ -236,9 +237,9 @@ def main():
     print("|---|---|---|---|---|---|---|")
     print(row("real training images (floor)", train_images[pick], "", ""))
     tick = time.perf_counter()
-    recon = torch.cat([model.decode(mu) for mu in sample_vae.encode_means(model, train_images[pick]).split(64)])
+    recon = torch.cat([model.decode(mu) for mu in vae_api.encode_means(model, pixels[train_rows][pick]).split(64)])
     print(row("real latents (reconstructions)", recon, "", f"{time.perf_counter() - tick:.1f}"))
-    for name, (fit_s, draw) in priors(model, prior, guide, train_images, args).items():
+    for name, (fit_s, draw) in priors(model, prior, guide, pixels[train_rows], args).items():
         if args.only not in name:
             continue
         tick = time.perf_counter()

@@ -114,7 +114,7 @@ def test_every_picture_and_file_a_readme_links_to_is_in_the_repository(readme):
     assert not missing, f"{readme} links to files git does not track: {missing}"
 
 
-MODULES = ("vae_model", "latent_prior", "cli", "image_data", "distributed", "resume", "report")
+MODULES = ("vae_model", "latent_prior", "cli", "image_data", "distributed", "resume", "report", "vae_api")
 SCRIPTS = ("train_vae", "sample_vae")
 
 
@@ -136,7 +136,7 @@ def test_the_files_form_a_stack():
     script, and no import goes round in a cycle, so the files can be read one after another."""
     imports = {name: project_imports(name) for name in MODULES + SCRIPTS}
     assert {name: imports[name] & set(SCRIPTS) for name in MODULES} == {name: set() for name in MODULES}
-    assert imports["sample_vae"] == {"vae_model", "latent_prior", "cli", "image_data"}
+    assert imports["sample_vae"] == {"vae_model", "latent_prior", "cli", "image_data", "vae_api"}
     read = set()
     while len(read) < len(imports):
         readable = {name for name in imports if name not in read and imports[name] <= read}
@@ -252,3 +252,14 @@ def test_help_and_the_readme_table_give_the_same_defaults():
                 assert float(shown) == float(cell), (cell, entry)
             else:  # a list shows as [32, 64, 128], the table's cell as 32,64,128
                 assert re.sub(r"[\[\] ]", "", shown) == cell, (cell, entry)
+
+
+def test_the_readmes_first_python_block_runs_as_it_stands():
+    """"From your own code": run from the project's folder; it prints what its last comment says."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as file:
+        block = re.search(r"```python\n(.*?)```", file.read(), re.S).group(1)
+    assert len(block.strip().splitlines()) <= 10
+    result = subprocess.run([sys.executable, "-c", block], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = block.strip().splitlines()[-1].split("# ", 1)[1]
+    assert result.stdout.strip().splitlines()[-1] == said

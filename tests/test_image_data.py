@@ -15,6 +15,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 import image_data
 import sample_vae
+import vae_api
 from conftest import ROOT, blob_image, make_folder
 from image_data import cached_images, image_files, make_augment, open_rgb, place_images, to_square
 from vae_model import VAE
@@ -224,10 +225,10 @@ def test_an_exif_rotated_photo_loads_upright_in_training_and_in_sample_vae(tmp_p
     assert open_rgb(tmp_path / "photos" / "phone.jpg").size == (32, 64)
     assert is_upright(cached(str(tmp_path / "photos"), tmp_path / "cache", size=64)[0])  # training
     model = VAE(64, 2, (8, 8, 8))
-    # --image and --interpolate read through load_image, --latent-map and --prior data through load_folder.
-    for x in (sample_vae.load_image(str(tmp_path / "photos" / "phone.jpg"), model),
-              sample_vae.load_folder(str(tmp_path / "photos"), model, "--latent-map")):
-        assert is_upright(x[0].add(1).mul(127.5).round().byte())
+    # --image and --interpolate read through vae_api.to_input, --latent-map and --prior data through load_folder.
+    x = vae_api.to_input(vae_api.Trained(model, None, None, ""), str(tmp_path / "photos" / "phone.jpg"))
+    assert is_upright(x[0].add(1).mul(127.5).round().byte())
+    assert is_upright(sample_vae.load_folder(str(tmp_path / "photos"), model, "--latent-map")[0])
 
 
 # ------------------------------------------------------------------ square, augmented, placed
@@ -409,9 +410,10 @@ def test_the_cache_skips_what_sample_vae_refuses(tmp_path, monkeypatch, capsys):
             raise ZeroDivisionError("a header that divides by zero")
         return real(file)
     monkeypatch.setattr(image_data, "open_rgb", open_rgb)
+    monkeypatch.setattr(sample_vae, "open_rgb", open_rgb)
     assert len(cached(folder, tmp_path / "cache")) == 2
     with pytest.raises(image_data.UserError, match="is not a readable image \\(ZeroDivisionError\\)"):
-        sample_vae.load_image(odd, VAE(32, 2, (8, 8, 8)))
+        sample_vae.open_picture(odd)
 
 
 # ------------------------------------------------------------------ whatever a folder holds

@@ -103,7 +103,7 @@ def test_folder_with_odd_images_trains_on_the_rest_and_counts_the_skipped(tmp_pa
     result = run_script("train_vae.py", "--data", folder, "--epochs", 1, "--image-size", 32, "--prior-steps", 0,
                         "--out", tmp_path / "m.pth", "--results-dir", tmp_path / "r")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "skipped 3 file(s)" in result.stdout  # broken.png, truncated.png and notes.txt
+    assert "skipped 3 file(s): 3 files not readable as an image" in result.stdout  # broken, truncated, notes.txt
     assert "32 px, 1 epoch, batch" in result.stdout and "decoding 15 files once" in result.stdout
     assert "11 training and 1 validation images" in result.stdout
 
