@@ -162,17 +162,6 @@ def latent_means(model, batches):
     return torch.cat(mus).float()
 
 
-EMA_DECAY = 0.999  # the moving average's decay once warmed up: about the last 1,000 steps
-
-
-def warmed_up_average(averaged, current, n):
-    """One step of the moving average, its decay min(0.999, (1 + n) / (10 + n)) after n steps:
-    early weights, nearly random, are soon forgotten instead of kept with weight 0.999^n."""
-    decay = min(EMA_DECAY, (1 + n.item()) / (10 + n.item()))
-    for a, c in zip(averaged, current):
-        a.lerp_(c, 1 - decay)
-
-
 def fit_prior(codes, width, steps, batch_size, lr, generator, use_amp=False, stop=(),
               desc="learned prior"):
     """A LatentPrior trained on the codes (N, latent, h, w): the moving average of its weights,
@@ -180,8 +169,10 @@ def fit_prior(codes, width, steps, batch_size, lr, generator, use_amp=False, sto
     device = codes.device
     prior = LatentPrior(codes.shape[1], width, codes.mean((0, 2, 3)), codes.std((0, 2, 3)),
                         levels_for(min(codes.shape[-2:]))).to(device)
-    ema = torch.optim.swa_utils.AveragedModel(prior, multi_avg_fn=warmed_up_average,
-                                              use_buffers=True)
+    # A plain average, decay 0.999, from the first step's weights: a warm-up (decay min(0.999,
+    # (1 + n) / (10 + n)), which forgets those) drew worse guided samples (benchmarks/README.md).
+    ema = torch.optim.swa_utils.AveragedModel(
+        prior, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     # Every step's batch is drawn now and sent to the device once: a copy per step would wait.

@@ -5,8 +5,9 @@ stored in half precision (half the file), and the cost of that measured on the v
     python pretrained/ship.py vae_model.pth --data ../shared/pokemon
 
 A model saved before training stored its atlas (vae_api.latent_atlas) gets it here, made from
-the same training images as training makes it. Prints the validation PSNR with the float32 weights and with the stored ones (sample_vae.py
-loads them back into float32), the reconstruction PSNR of pokemon_sample_test.png, and the size.
+the same training images as training makes it. Prints the validation PSNR with the float32
+weights and with the stored ones (sample_vae.py loads them back into float32), the
+reconstruction PSNR of pokemon_sample_test.png, and the size.
 """
 import argparse
 import os

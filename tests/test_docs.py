@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+import explore_vae
 import sample_vae
 import train_vae
 from conftest import ROOT, run_script
@@ -54,7 +55,7 @@ def help_entries(script):
     return {flag: " ".join(text.split()) for flag, text in entries.items()}
 
 
-@pytest.mark.parametrize("script", [train_vae, sample_vae])
+@pytest.mark.parametrize("script", [train_vae, sample_vae, explore_vae])
 def test_readme_documents_every_flag(script):
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as file:
         documented = set(re.findall(r"--[a-z][a-z-]*", file.read()))
@@ -115,7 +116,7 @@ def test_every_picture_and_file_a_readme_links_to_is_in_the_repository(readme):
 
 
 MODULES = ("vae_model", "latent_prior", "cli", "image_data", "distributed", "resume", "report", "vae_api")
-SCRIPTS = ("train_vae", "sample_vae")
+SCRIPTS = ("train_vae", "sample_vae", "explore_vae")
 
 
 def project_imports(name):
@@ -205,7 +206,7 @@ def test_the_readme_commands_change_no_file_that_git_tracks(tmp_path, image_fold
     assert status.stdout == "", status.stdout
 
 
-@pytest.mark.parametrize("script", ["train_vae.py", "sample_vae.py"])
+@pytest.mark.parametrize("script", ["train_vae.py", "sample_vae.py", "explore_vae.py"])
 @pytest.mark.parametrize("argv", [["--help"], ["--epochs", "0"]])
 def test_help_and_a_bad_flag_answer_without_the_heavy_imports(script, argv):
     """torchvision, matplotlib and datasets are imported where they are used, so --help and a
@@ -216,12 +217,12 @@ def test_help_and_a_bad_flag_answer_without_the_heavy_imports(script, argv):
             f"    runpy.run_path({os.path.join(ROOT, script)!r}, run_name='__main__')\n"
             "except SystemExit as exit_:\n"
             "    print('exit', exit_.code)\n"
-            "print(sorted(name for name in ('torchvision', 'matplotlib', 'datasets') if name in sys.modules))\n")
+            "print(sorted(name for name in ('torchvision', 'matplotlib', 'datasets', 'gradio') if name in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.stdout.strip().splitlines()[-2:] == [f"exit {0 if argv == ['--help'] else 2}", "[]"], result
 
 
-@pytest.mark.parametrize("script", [train_vae, sample_vae])
+@pytest.mark.parametrize("script", [train_vae, sample_vae, explore_vae])
 def test_help_gives_every_flag_its_meaning_and_default(script):
     """--help is the reference: a meaning for every flag, and its default, or how it is chosen."""
     defaults, entries = vars(script.parse_args([])), help_entries(script)

@@ -6,8 +6,7 @@ import re
 import pytest
 import torch
 
-from latent_prior import (LatentPrior, fit_prior, levels_for, load_prior, prior_loss, sample_prior,
-                          warmed_up_average)
+from latent_prior import LatentPrior, fit_prior, levels_for, load_prior, prior_loss, sample_prior
 from vae_model import VAE, vae_checkpoint
 
 
@@ -125,32 +124,3 @@ def test_a_trained_prior_prefers_its_training_latents():
 def test_a_prior_whose_loss_is_not_finite_raises_floating_point_error():
     with pytest.raises(FloatingPointError, match="loss became nan"):
         fit_prior(torch.full((4, 2, 4, 4), float("nan")), 8, 2, 2, 1e-3, torch.Generator().manual_seed(0))
-
-
-def test_the_moving_average_warms_up_so_its_first_weights_are_forgotten():
-    """After n updates the average holds its first weights with the product of the decays
-    min(0.999, (1 + k) / (10 + k)): under 1% after 100 steps, where 0.999^100 would keep 90%."""
-    weights = [torch.full((3,), float(step)) for step in range(1, 101)]
-    layer = torch.nn.Linear(3, 1, bias=False)
-    average = torch.optim.swa_utils.AveragedModel(layer, multi_avg_fn=warmed_up_average)
-    expected = weights[0].clone()
-    for step, w in enumerate(weights):
-        layer.weight.data.copy_(w)
-        average.update_parameters(layer)
-        if step:
-            decay = min(0.999, (1 + step) / (10 + step))
-            expected = decay * expected + (1 - decay) * w
-    assert torch.allclose(average.module.weight[0], expected)
-    first_share = math.prod(min(0.999, (1 + k) / (10 + k)) for k in range(1, 100))
-    assert first_share < 0.01
-
-
-def test_fit_prior_returns_an_average_that_left_its_random_start():
-    codes = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    start = LatentPrior(2, 8, codes.mean((0, 2, 3)), codes.std((0, 2, 3)), levels_for(4))
-    torch.manual_seed(0)  # fit_prior builds the same start
-    fitted = fit_prior(codes, 8, 40, 4, 3e-2, torch.Generator().manual_seed(0))
-    moved = [(a - b).norm() / b.norm() for a, b in
-             zip(fitted.parameters(), start.parameters()) if b.norm() > 0]
-    assert torch.stack(moved).median() > 0.8  # 1.46; a plain 0.999 average: 0.33
