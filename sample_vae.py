@@ -47,7 +47,9 @@ def model_path(given):
     """--model if given; else vae_model.pth where there is one; else the shipped model, said."""
     if given or os.path.exists(MODEL_PATH):
         return given or MODEL_PATH
-    shipped = os.path.relpath(SHIPPED_MODEL)
+    shipped = os.path.relpath(SHIPPED_MODEL)  # pretrained/pokemon_vae.pth in the project
+    if shipped.startswith(".."):  # run from another folder: the whole path
+        shipped = SHIPPED_MODEL
     print(f"using the shipped model {shipped} (Pokémon at 128 px), as there is no {MODEL_PATH} "
           "here; train your own with `python train_vae.py`")
     return shipped

@@ -15,7 +15,6 @@ import time
 import matplotlib.figure
 import pytest
 import torch
-import torchvision.utils
 from PIL import Image
 
 import cli
@@ -332,7 +331,7 @@ def test_pictures_metrics_and_curve_are_replaced_whole_or_not_at_all(tmp_path, m
     before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
     assert sorted(before) == ["grid.png", "loss_curve.png", "metrics.jsonl"]
 
-    monkeypatch.setattr(torchvision.utils, "save_image", lambda images, path, **options: half_written(path))
+    monkeypatch.setattr(Image.Image, "save", lambda self, path, **options: half_written(path))
     with pytest.raises(OSError):
         image_data.save_png(torch.ones(2, 3, 8, 8), str(tmp_path / "grid.png"))
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, path, **options: half_written(path))
@@ -443,7 +442,7 @@ def test_the_prior_learns_the_codes_of_the_training_images_and_their_mirrors(mon
                                  "--results-dir", str(tmp_path)])
     args.use_amp = False  # set by settings(), which train() calls first
     noise = torch.randn(2, 4, 2, 2)
-    assert train_vae.stage_two(model, cache, rows, args, torch.device("cpu"), [], noise)
+    assert train_vae.stage_two(model, cache, rows, args, torch.device("cpu"), [], noise, atlas=None)
     assert load_prior(tmp_path / "m.pth")[1] is None  # --prior-guide-steps 0: no guide
     with torch.no_grad():
         expected = [model.encode(image_data.to_model_range(x))[0] for x in (images, images.flip(-1))]
@@ -464,7 +463,7 @@ def test_a_prior_whose_loss_is_not_finite_ends_in_a_clear_message(monkeypatch, t
     images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
     with pytest.raises(train_vae.UserError, match=r"loss became nan; lower --prior-lr \(now 0.5\)"):
         train_vae.stage_two(VAE(16, 2, (8, 8, 8)).eval(), images, torch.arange(3), args, torch.device("cpu"), [],
-                            torch.randn(1, 2, 2, 2))
+                            torch.randn(1, 2, 2, 2), atlas=None)
     assert os.listdir(tmp_path) == []
 
 
