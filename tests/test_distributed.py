@@ -137,7 +137,10 @@ def worker_pids(process):
     """{rank: pid} of torchrun's workers."""
     pids = {}
     for child in open(f"/proc/{process.pid}/task/{process.pid}/children").read().split():
-        environ = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+        try:
+            environ = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):  # a child that ended since the listing
+            continue
         ranks = [int(item[5:]) for item in environ if item.startswith(b"RANK=")]
         if ranks:  # a worker (a child that has not started the script yet has torchrun's environment)
             pids[ranks[0]] = int(child)
