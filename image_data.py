@@ -89,12 +89,13 @@ def walk(folder):
 def hub_images(name):
     """The Hub data set's images, undecoded: a corrupt one is skipped by the cache, not fatal."""
     import datasets  # here only: loading it takes seconds, and a folder needs none of it
+    from huggingface_hub import constants  # HF_HUB_OFFLINE: datasets has it from 2.20 only
     # One quick connect first: offline, huggingface_hub retries for half a minute, and no setting
     # stops it. Behind a proxy a direct connect proves nothing; offline mode reads the local cache.
-    config, url = datasets.config, urllib.parse.urlparse(datasets.config.HF_ENDPOINT)
+    url = urllib.parse.urlparse(datasets.config.HF_ENDPOINT)
     proxied = any(os.environ.get(proxy) for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
     try:
-        if not (config.HF_HUB_OFFLINE or proxied):
+        if not (constants.HF_HUB_OFFLINE or proxied):
             port = url.port or (443 if url.scheme == "https" else 80)
             socket.create_connection((url.hostname, port), 5).close()
     except OSError:

@@ -13,6 +13,7 @@ import sys
 import time
 
 import matplotlib.figure
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -95,7 +96,8 @@ def test_folder_with_odd_images_trains_on_the_rest_and_counts_the_skipped(tmp_pa
     blob_image(2, (30, 40)).convert("LA").save(tmp_path / "images" / "la.png")
     blob_image(3).convert("P").save(tmp_path / "images" / "palette.png", transparency=0)
     blob_image(4).convert("L").save(tmp_path / "images" / "grey.png")
-    blob_image(5).convert("I;16").save(tmp_path / "images" / "grey16.png")
+    grey = np.asarray(blob_image(5).convert("L")).astype(np.uint16) * 257  # 0..65535
+    Image.fromarray(grey).save(tmp_path / "images" / "grey16.png")  # mode I;16 (Pillow 10.0 too)
     blob_image(6).convert("CMYK").save(tmp_path / "images" / "cmyk.jpg")
     blob_image(7, (16, 16)).save(tmp_path / "images" / "tiny.png")
     blob_image(8, (4000, 3000)).save(tmp_path / "images" / "huge.jpg")
