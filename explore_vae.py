@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 
 from cli import HelpWithDefaults, UserError, checked, pick_device, run_main
-from image_data import (DEFAULT_CACHE_DIR, UNREADABLE, TooLarge, cached_images, image_files,
-                        to_uint8)
+from image_data import DEFAULT_CACHE_DIR, UNREADABLE, TooLarge, cached_images, image_files
 from latent_prior import sample_prior
 import vae_api
 from vae_model import CheckpointError, load_checkpoint, psnr
@@ -64,11 +63,9 @@ def load_explorer(path, data, device, cache_dir=CACHE_DIR):
 
 
 @torch.no_grad()
-def prior_latents(model, count, seed=0):
-    vae = model.vae
-    shape = (count, vae.config["latent_channels"], vae.image_size // 8, vae.image_size // 8)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    return sample_prior(model.prior, noise.to(vae_api.device_of(model)), guide=model.guide)
+def prior_latents(model, count):
+    """Latents drawn by the model's learned prior: what its training latents looked like."""
+    return sample_prior(model.prior, vae_api.noise(model, count), guide=model.guide)
 
 
 def shown(picture):
@@ -92,12 +89,8 @@ def reconstruct(model, picture):
     mu = model.vae.encode(x)[0]
     recon = model.vae.decode(mu)  # decoding the mean: the model's best guess
     line = f"reconstruction PSNR {psnr(recon, x):.2f} dB"
-    return shown(to_pil(x)), shown(to_pil(recon)), channels_picture(mu[0]), line, mu
-
-
-def to_pil(x):
-    """(1, 3, H, W) in [-1, 1] -> a PIL image."""
-    return Image.fromarray(to_uint8(x[0]).permute(1, 2, 0).cpu().numpy())
+    original, again = vae_api.pictures(torch.cat([x, recon]))
+    return shown(original), shown(again), channels_picture(mu[0]), line, mu
 
 
 def channels_picture(mu):

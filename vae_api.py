@@ -64,11 +64,23 @@ def encode(model, image):
     return model.vae.encode(to_input(model, image))[0]
 
 
+def pictures(images):
+    """Images (N, 3, H, W) in [-1, 1] -> N PIL images."""
+    return [Image.fromarray(to_uint8(x).permute(1, 2, 0).cpu().numpy()) for x in images]
+
+
 @torch.no_grad()
 def decode(model, z):
     """Latents (N, channels, h, w) -> N PIL images."""
-    pixels = torch.cat([to_uint8(model.vae.decode(part)).cpu() for part in z.split(BATCH)])
-    return [Image.fromarray(picture.permute(1, 2, 0).numpy()) for picture in pixels]
+    return [picture for part in z.split(BATCH) for picture in pictures(model.vae.decode(part))]
+
+
+def noise(model, count, seed=0):
+    """`count` seeded draws of N(0, I) in the latent's shape, on the model's device."""
+    vae = model.vae
+    shape = (count, vae.config["latent_channels"], vae.image_size // 8, vae.image_size // 8)
+    draws = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return draws.to(device_of(model))
 
 
 @torch.no_grad()
@@ -78,20 +90,16 @@ def generate(model, count=16, seed=0, temperature=1.0, gaussian=None, steps=SAMP
     the learned prior (guided by its guide, `guidance` 1: unguided), or drawn from N(0, I) where
     the model has no prior, or from `gaussian` = (mean, std) of a latent's shape if given.
     Below 1, `temperature` draws the noise nearer its centre: flatter, paler images."""
-    vae = model.vae
-    shape = (vae.config["latent_channels"], vae.image_size // 8, vae.image_size // 8)
-    noise = torch.randn((count,) + shape, generator=torch.Generator().manual_seed(seed))
-    noise = temperature * noise.to(device_of(model))
-    pictures = []
-    for part in noise.split(BATCH):
+    drawn = []
+    for part in (temperature * noise(model, count, seed)).split(BATCH):
         if gaussian is not None:
             z = gaussian[0] + gaussian[1] * part
         elif model.prior is not None:  # the prior turns the noise into a latent, step by step
             z = sample_prior(model.prior, part, steps, model.guide, guidance, interval)
         else:
             z = part
-        pictures += decode(model, z)
-    return pictures
+        drawn += decode(model, z)
+    return drawn
 
 
 @torch.no_grad()

@@ -68,7 +68,7 @@ def main():
     process, url = serve(args.model)
     try:
         client = Client(url, verbose=False)
-        client.predict(0, 0, 0, 0, 0, api_name="/walk")  # the first call sets up the session
+        client.predict(0, 0, 0, 0, 0, api_name="/walk")  # untimed: the first answer is slower
         walks = [timed(client.predict, 0, *([0.0] * k), 3 * i / args.moves, *([0.0] * (3 - k)),
                        api_name="/walk") for k in range(4) for i in range(args.moves)]
         slides = [timed(client.predict, 0, 1, i / args.moves, api_name="/interpolate")

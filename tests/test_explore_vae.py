@@ -76,7 +76,7 @@ def test_reconstruct_gives_the_picture_its_reconstruction_channels_and_psnr(clie
         recon = model.vae.decode(model.vae.encode(x)[0])
     from vae_model import psnr
     assert line == f"reconstruction PSNR {psnr(recon, x):.2f} dB"
-    shown = np.asarray(explore_vae.to_pil(recon).resize((256, 256), Image.Resampling.NEAREST)).astype(int)
+    shown = np.asarray(vae_api.pictures(recon)[0].resize((256, 256), Image.Resampling.NEAREST)).astype(int)
     assert np.abs(pixels(again) - shown).max() <= 1
     assert pixels(original).shape == (256, 256, 3) and pixels(channels).shape[1] > pixels(channels).shape[0]
 
