@@ -50,6 +50,8 @@ def join(device_name):
     if WORLD_SIZE == 1:
         return pick_device(device_name)
     global _torchrun_store, _attempt_store, _control
+    if not MASTER:
+        silence_stdout()
     _torchrun_store = next(dist.rendezvous("env://"))[0]  # first: an error here is said once
     if _torchrun_store.check([FAILED_KEY]):  # restarted after an error that would come again
         raise FailedElsewhere()
@@ -58,9 +60,17 @@ def join(device_name):
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=_attempt_store, rank=RANK, world_size=WORLD_SIZE)
     _control = dist.new_group(backend="gloo", timeout=LONG_WAIT)
-    if not MASTER:
-        sys.stdout = open(os.devnull, "w")  # rank 0 alone speaks; errors still go to stderr
     return device
+
+
+def silence_stdout():
+    """Rank 0 alone speaks; the others' errors still go to stderr. Their file descriptor 1 goes
+    nowhere, not only Python's sys.stdout: the C++ libraries write there too (the Gloo of torch
+    2.8 announces each connection), and two processes' lines would interleave."""
+    sys.stdout.flush()
+    nowhere = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(nowhere, sys.stdout.fileno())
+    os.close(nowhere)
 
 
 def process_device(device_name):

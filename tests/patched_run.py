@@ -8,6 +8,8 @@ fault, or to count what the processes do; named by the environment variable PATC
     cpu-out-of-memory   the CPU's allocator fails in the first epoch, as under ulimit -v
     count-decodes       each process that decodes images into the cache writes its rank in the
                         file DECODE_LOG names
+    write-to-fd-1       every process writes a line to its file descriptor 1 in each epoch, as
+                        a C++ library would (the Gloo of torch 2.8 does as it connects)
 """
 import os
 import sys
@@ -52,6 +54,13 @@ elif PATCH == "count-decodes":
             log.write(f"{RANK}\n")
         return real_build(*args)
     image_data.build_cache = build_cache
+elif PATCH == "write-to-fd-1":
+    real_epoch = train_vae.train_one_epoch
+
+    def train_one_epoch(model, images, index, epoch, **state):
+        os.write(1, f"rank {RANK} wrote to file descriptor 1\n".encode())
+        return real_epoch(model, images, index, epoch, **state)
+    train_vae.train_one_epoch = train_one_epoch
 
 if __name__ == "__main__":
     run_main(train_vae.main)

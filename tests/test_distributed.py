@@ -51,6 +51,12 @@ def finish(process, timeout=300):
         raise
 
 
+def first_line(stdout):
+    """The run's first line of its own: the Gloo that comes with torch 2.8 writes "[Gloo] Rank 0
+    is connected to 1 peer ranks" to every process's standard output as it connects."""
+    return next(line for line in stdout.splitlines() if not line.startswith("[Gloo]"))
+
+
 def weights(path):
     return load_vae(path).state_dict()
 
@@ -112,7 +118,7 @@ def test_each_process_takes_an_equal_share_of_the_shuffled_order_and_together_ev
 
 def test_torchrun_trains_one_model_in_half_the_steps_that_sample_vae_loads(undisturbed):
     work, results = undisturbed["work"], undisturbed["work"] / "r"
-    assert "2 processes x batch 2 = 4" in undisturbed["stdout"].splitlines()[0]
+    assert "2 processes x batch 2 = 4" in first_line(undisturbed["stdout"])
     assert undisturbed["stdout"].count("epoch   1/6") == 1  # rank 0 alone speaks
     # One decoding on this machine, by its first process, while the other waits at the barrier.
     assert (work / "decodes").read_text() == "0\n"
@@ -269,13 +275,21 @@ def test_more_processes_than_gpus_is_refused_in_one_sentence(monkeypatch):
         distributed.process_device("auto")
 
 
+def test_only_rank_0_writes_to_standard_output_even_below_python(tmp_path, image_folder):
+    result = torchrun(PATCHED, "--data", image_folder, "--epochs", 2, *RUN[2:], "--results-dir", tmp_path / "r",
+                      "--out", tmp_path / "m.pth", env={"PATCH": "write-to-fd-1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = [line for line in result.stdout.splitlines() if "wrote to file descriptor 1" in line]
+    assert written == ["rank 0 wrote to file descriptor 1"] * 2
+
+
 def test_compile_under_torchrun_trains_and_saves_the_plain_model(tmp_path, image_folder):
     """torch.compile inside DDP (nanoGPT's order: compile, then wrap); the first epoch compiles."""
     result = torchrun("--data", image_folder, "--epochs", 2, *RUN[2:], "--compile", "--results-dir", tmp_path / "r",
                       "--out", tmp_path / "m.pth")
     assert result.returncode == 0, result.stderr[-3000:]
-    first_line = result.stdout.splitlines()[0]
-    assert "2 processes x batch 2 = 4" in first_line and first_line.endswith(", torch.compile")
+    line = first_line(result.stdout)
+    assert "2 processes x batch 2 = 4" in line and line.endswith(", torch.compile")
     state = torch.load(tmp_path / "m.pth", weights_only=True)["model"]
     assert not any(key.startswith(("_orig_mod", "module")) for key in state)  # the unwrapped model's names
     assert load_vae(tmp_path / "m.pth").image_size == 32

@@ -264,3 +264,32 @@ def test_the_readmes_first_python_block_runs_as_it_stands():
     assert result.returncode == 0, result.stderr[-2000:]
     said = block.strip().splitlines()[-1].split("# ", 1)[1]
     assert result.stdout.strip().splitlines()[-1] == said
+
+
+def requirement_bounds():
+    """{package: lower bound} of requirements.txt, whose every line must have one."""
+    bounds = {}
+    with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as file:
+        for line in file:
+            requirement = line.split("#")[0].strip()
+            if requirement:
+                name, bound = re.fullmatch(r"([\w.-]+)>=([0-9.]+)(,<[0-9.]+)?", requirement).groups()[:2]
+                bounds[name] = bound
+    return bounds
+
+
+def test_ci_tests_the_lower_bounds_of_requirements_as_pins():
+    """.ci/run installs the oldest set by rewriting requirements.txt with its own sed command, then
+    runs the README's test command there too; the README names the oldest torch it tests."""
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as file:
+        ci = file.read()
+    rewrite = re.search(r"^(sed .*requirements\.txt) > (\S+)$", ci, re.M)
+    result = subprocess.run(["bash", "-c", rewrite.group(1)], cwd=ROOT, capture_output=True, text=True)
+    pins = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    assert pins == [f"{name}=={bound}" for name, bound in requirement_bounds().items()]
+    installed = ci[rewrite.end():]
+    assert f"pip install -q -r {rewrite.group(2)} pytest pytest-xdist playwright" in installed
+    assert "\npython -m pytest -q -n 2\n" in installed
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as file:
+        development = file.read().split("## Development")[1]
+    assert f"torch {requirement_bounds()['torch']}" in development
