@@ -48,8 +48,8 @@ def help_entries(script):
         if start:
             flag = start.group(1)
             entries[flag] = line
-        elif flag and line.startswith("    "):
-            entries[flag] += " " + line.strip()
+        elif flag and line.startswith("    "):  # argparse wraps after a hyphen too (a path's)
+            entries[flag] += ("" if entries[flag].endswith("-") else " ") + line.strip()
         else:
             flag = None
     return {flag: " ".join(text.split()) for flag, text in entries.items()}
