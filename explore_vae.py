@@ -20,7 +20,7 @@ from cli import HelpWithDefaults, UserError, checked, pick_device, run_main
 from image_data import DEFAULT_CACHE_DIR, UNREADABLE, TooLarge, cached_images, image_files
 from latent_prior import sample_prior
 import vae_api
-from vae_model import CheckpointError, load_checkpoint, psnr
+from vae_model import CheckpointError, psnr
 
 # -----------------------------------------------------------------------------------------------
 MODEL_PATH = None           # checkpoint to explore; None: the shipped model in pretrained/
@@ -42,12 +42,12 @@ def load_explorer(path, data, device, cache_dir=CACHE_DIR):
     else from samples of the model's prior; one sentence where none of these is at hand."""
     try:
         model = vae_api.load(path, device)
-        atlas = load_checkpoint(path).get("atlas")
     except FileNotFoundError:
         raise UserError(f"there is no trained model at {path}; run `python train_vae.py` first "
                         "or pass --model with the path of one") from None
     except CheckpointError as error:
         raise UserError(f"{error}; pass --model with a checkpoint of train_vae.py") from error
+    atlas = model.atlas
     if data:
         pixels = cached_images(image_files(data), model.vae.image_size, model.vae.fit, data,
                                cache_dir)

@@ -225,9 +225,10 @@ def sample_prior(prior, noise, steps=SAMPLE_STEPS, guide=None, guidance=GUIDANCE
     return z * prior.latent_std + prior.latent_mean
 
 
-def load_prior(path, map_location="cpu"):
-    """(prior, guide) stored next to the VAE in `path`, each None where there is none."""
-    checkpoint = load_checkpoint(path, map_location)
+def load_prior(path, map_location="cpu", checkpoint=None):
+    """(prior, guide) stored next to the VAE in `path` (or in its `checkpoint`, if already read),
+    each None where there is none."""
+    checkpoint = load_checkpoint(path, map_location) if checkpoint is None else checkpoint
     return tuple(None if checkpoint.get(name) is None else
                  rebuild(LatentPrior, checkpoint[name],
                          f"{path} holds a {name} that does not fit its own config", map_location)

@@ -57,9 +57,6 @@ def model_path(given):
 
 def load_model(path, device):
     """The model, its learned prior and its guide (vae_api.Trained), or one sentence why not."""
-    if os.path.isdir(path):
-        raise UserError(f"{path} is a folder, not a model; pass --model with the path of a "
-                        "file that train_vae.py wrote (vae_model.pth)")
     try:
         return vae_api.load(path, device)
     except FileNotFoundError:
@@ -235,8 +232,8 @@ def latent_positions(mus):
 
 def thumbnails(pixels, side, batch_size=64):
     """Every image at side x side px, uint8 (N, side, side, 3): what a map can show of each."""
-    resize = lambda x: F.interpolate(x.float(), size=side, mode="area")  # noqa: E731
-    small = [resize(batch).round().byte() for batch in pixels.split(batch_size)]
+    small = [F.interpolate(batch.float(), size=side, mode="area").round().byte()
+             for batch in pixels.split(batch_size)]  # area: each pixel the mean of its block
     return torch.cat(small).permute(0, 2, 3, 1).numpy()
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from image_data import square_pixels, to_model_range, to_uint8
 from latent_prior import GUIDANCE, GUIDANCE_INTERVAL, SAMPLE_STEPS, LatentPrior, load_prior, \
     sample_prior
-from vae_model import VAE, load_vae
+from vae_model import VAE, load_checkpoint, load_vae
 
 # The model that ships with the project: the CPU default recipe on 703 Pokémon (its README).
 SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained",
@@ -31,20 +31,23 @@ ATLAS_STARTS = 32     # training latents it stores, for the explorer page to sta
 
 
 class Trained(NamedTuple):
-    """A trained VAE with its learned prior and the prior's guide (None where it has none)."""
+    """A trained VAE with its learned prior and the prior's guide (None where it has none), and
+    the atlas of its training latents that the explorer page starts from (latent_atlas)."""
     vae: VAE
     prior: Optional[LatentPrior]
     guide: Optional[LatentPrior]
     path: str
+    atlas: Optional[dict] = None
 
 
 def load(path=None, device="cpu"):
     """The model train_vae.py saved at `path` (the shipped one if None), ready on `device`.
     Raises FileNotFoundError, or vae_model.CheckpointError for a file that is not one."""
     path = path or SHIPPED_MODEL
-    vae = load_vae(path, map_location=device)
-    prior, guide = load_prior(path, map_location=device)
-    return Trained(vae, prior, guide, path)
+    checkpoint = load_checkpoint(path, map_location=device)  # read once, for every part
+    vae = load_vae(path, device, checkpoint)
+    prior, guide = load_prior(path, device, checkpoint)
+    return Trained(vae, prior, guide, path, checkpoint.get("atlas"))
 
 
 def device_of(model):

@@ -191,6 +191,8 @@ def save_checkpoint(checkpoint, path):
 
 def load_checkpoint(path, map_location="cpu"):
     """torch.load(weights_only=True): a file carrying pickled code is refused, not executed."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -217,7 +219,9 @@ def rebuild(model_class, entry, mismatch, device="cpu"):
     return model.to(device).eval()
 
 
-def load_vae(path, map_location="cpu"):
-    """Rebuild the trained VAE from `path`, on the device `map_location`."""
+def load_vae(path, map_location="cpu", checkpoint=None):
+    """Rebuild the trained VAE from `path` (or from its `checkpoint`, if already read), on the
+    device `map_location`."""
+    checkpoint = load_checkpoint(path, map_location) if checkpoint is None else checkpoint
     mismatch = f"{path} holds weights that do not fit its own config"
-    return rebuild(VAE, load_checkpoint(path, map_location), mismatch, map_location)
+    return rebuild(VAE, checkpoint, mismatch, map_location)

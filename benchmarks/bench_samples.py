@@ -213,7 +213,8 @@ def main():
                    help="draw only the priors whose row name holds TEXT, like '(chosen)' (the real rows always)")
     args = p.parse_args()
     try:
-        model, prior, guide, _ = sample_vae.load_model(args.model, "cpu")
+        trained = sample_vae.load_model(args.model, "cpu")
+        model, prior, guide = trained.vae, trained.prior, trained.guide
         pixels = sample_vae.load_folder(args.data, model, "--data")
     except cli.UserError as error:
         print(f"error: {error}", file=sys.stderr)

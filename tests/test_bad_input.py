@@ -55,7 +55,7 @@ def test_hub_unreachable_fails_fast(tmp_path):
 
 @pytest.mark.parametrize("flag, kind, said", [
     ("--image", "folder", "is a folder, not an image; pass --image with the path of an image file"),
-    ("--model", "folder", "is a folder, not a model; pass --model with the path of a file"),
+    ("--model", "folder", "is a folder, not a checkpoint file; pass --model with a checkpoint"),
     ("--latent-map", "file", "is a file, not a folder; pass --latent-map with a folder of images")])
 def test_a_path_of_the_wrong_kind_is_named_as_what_it_is(trained, image_folder, tmp_path, flag, kind, said):
     path = image_folder if kind == "folder" else os.path.join(image_folder, "blob_00.png")

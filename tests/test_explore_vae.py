@@ -136,6 +136,7 @@ def test_the_atlas_comes_from_the_model_or_data_or_the_prior(trained, image_fold
 
 def test_its_flags_and_a_missing_model_are_one_sentence(tmp_path):
     assert_user_error(run_script("explore_vae.py", "--model", tmp_path / "none.pth"), "no trained model")
+    assert_user_error(run_script("explore_vae.py", "--model", tmp_path), "is a folder, not a checkpoint file")
     result = run_script("explore_vae.py", "--port", 0)
     assert result.returncode == 2 and "--port: must be a port from 1 to 65535" in result.stderr
 

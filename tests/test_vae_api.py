@@ -56,6 +56,16 @@ def test_the_functions_give_latents_and_pil_images_with_or_without_no_grad(train
     assert np.array_equal(np.asarray(pictures[0]), np.asarray(walk[0]))  # the walk starts at its image
 
 
+def test_load_reads_the_file_once_for_the_model_its_prior_and_its_atlas(trained, monkeypatch):
+    reads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: reads.append(args) or real_load(*args, **kwargs))
+    model = vae_api.load(trained["model"])
+    assert len(reads) == 1 and model.prior is not None and model.guide is not None
+    stored = real_load(trained["model"], weights_only=True)["atlas"]
+    assert stored.keys() == model.atlas.keys()
+    assert all(torch.equal(stored[name], model.atlas[name]) for name in stored)
+
+
 def test_generate_is_repeatable_by_seed_and_decodes_the_priors_latents(trained):
     model = vae_api.load(trained["model"])
     first, again, other = (vae_api.generate(model, 2, seed=seed, steps=3) for seed in (5, 5, 6))
